@@ -1,0 +1,1 @@
+"""Data: sources, validation, id mapping, splitting and partitioning into clients."""
