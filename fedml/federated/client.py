@@ -1,0 +1,143 @@
+"""One client's local training: the code a shopper's device runs in a round.
+
+The device receives the global item table, trains its private user vector and the item rows it
+touches for a few local epochs on its own positives (logistic loss, uniformly sampled negatives),
+and uploads only the change of those item rows. The user vector stays on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedml.models.mf import ItemTable, fold_in
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """Hyper-parameters of the local update (the same for every client of a round)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    negatives: int
+    l2: float
+    fold_in_l2: float = 1.0
+
+
+@dataclass
+class ClientUpdate:
+    """What a client uploads: deltas of the item rows it touched, and its example count n_k."""
+
+    rows: torch.Tensor  # int64 [r]: item indices touched
+    delta_embeddings: torch.Tensor  # [r, dim]
+    delta_bias: torch.Tensor  # [r]
+    num_examples: int
+    loss: float
+
+    def norm(self) -> float:
+        """L2 norm of the whole update (all touched rows, embeddings and biases)."""
+        return float(torch.sqrt(self.delta_embeddings.double().pow(2).sum() + self.delta_bias.double().pow(2).sum()))
+
+
+def sample_negatives(positives: np.ndarray, n_items: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Uniform negatives from the catalogue, re-drawn where they hit one of the client's positives."""
+    negatives = rng.integers(0, n_items, size=shape)
+    sorted_pos = np.unique(positives)
+    if len(sorted_pos) == 0 or len(sorted_pos) >= n_items:
+        return negatives
+    for _ in range(20):
+        hit = _is_member(negatives, sorted_pos)
+        if not hit.any():
+            return negatives
+        negatives[hit] = rng.integers(0, n_items, size=int(hit.sum()))
+    hit = _is_member(negatives, sorted_pos)
+    if hit.any():  # a shopper with most of the catalogue: draw what is left from the complement
+        negatives[hit] = rng.choice(np.setdiff1d(np.arange(n_items), sorted_pos), size=int(hit.sum()))
+    return negatives
+
+
+def _is_member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    pos = np.searchsorted(sorted_set, values)
+    pos = np.minimum(pos, len(sorted_set) - 1)
+    return sorted_set[pos] == values
+
+
+def client_update(
+    table: ItemTable,
+    positives: np.ndarray,
+    user_vector: torch.Tensor | None,
+    config: LocalTraining,
+    rng: np.random.Generator,
+) -> tuple[ClientUpdate, torch.Tensor]:
+    """Run local training for one client; returns its upload and its new (private) user vector.
+
+    ``positives`` are the client's item indices. A client seen for the first time starts from the
+    fold-in of its history under the current global items. Gradients are written out by hand (the
+    model is two embedding lookups and a dot product), which keeps one client update cheap.
+    """
+    n_items = table.n_items
+    positives = np.asarray(positives, dtype=np.int64)
+    if user_vector is None:
+        user_vector = fold_in(table, [positives], negatives=config.negatives, l2=config.fold_in_l2)[0]
+    p = user_vector.clone().to(table.embeddings.dtype)
+
+    order = np.stack([rng.permutation(len(positives)) for _ in range(config.epochs)])
+    negatives = sample_negatives(positives, n_items, (config.epochs, len(positives), config.negatives), rng)
+    rows, local = np.unique(np.concatenate([positives, negatives.ravel()]), return_inverse=True)
+    local_pos = local[: len(positives)]
+    local_neg = local[len(positives) :].reshape(negatives.shape)
+
+    rows_t = torch.as_tensor(rows, device=table.embeddings.device)
+    q0 = table.embeddings[rows_t]
+    b0 = table.bias[rows_t]
+    q, b = q0.clone(), b0.clone()
+    total_loss, steps = 0.0, 0
+    for epoch in range(config.epochs):
+        for start in range(0, len(positives), config.batch_size):
+            idx = order[epoch, start : start + config.batch_size]
+            pos = torch.as_tensor(local_pos[idx], device=q.device)
+            neg = torch.as_tensor(local_neg[epoch, idx], device=q.device)
+            loss = _sgd_step(q, b, p, pos, neg, config)
+            total_loss += loss
+            steps += 1
+    update = ClientUpdate(
+        rows=rows_t,
+        delta_embeddings=q - q0,
+        delta_bias=b - b0,
+        num_examples=int(len(positives)),
+        loss=total_loss / max(steps, 1),
+    )
+    return update, p
+
+
+def _sgd_step(
+    q: torch.Tensor, b: torch.Tensor, p: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, config: LocalTraining
+) -> float:
+    """One SGD step in place on (q, b, p) for a batch of positives with their negatives.
+
+    Loss per positive: -log s(p.q_i + b_i) - sum_j log(1 - s(p.q_j + b_j)), averaged over the batch,
+    plus l2/2 times the squared norm of the rows and the user vector used.
+    """
+    batch = pos.shape[0]
+    q_pos, q_neg = q[pos], q[neg]  # [B, d], [B, k, d]
+    s_pos = q_pos @ p + b[pos]
+    s_neg = q_neg @ p + b[neg]
+    g_pos = (torch.sigmoid(s_pos) - 1.0) / batch  # d loss / d score
+    g_neg = torch.sigmoid(s_neg) / batch
+    loss = float((torch.nn.functional.softplus(-s_pos).sum() + torch.nn.functional.softplus(s_neg).sum()) / batch)
+
+    grad_p = g_pos @ q_pos + torch.einsum("bk,bkd->d", g_neg, q_neg) + config.l2 * p
+    flat_rows = torch.cat([pos, neg.reshape(-1)])
+    flat_g = torch.cat([g_pos, g_neg.reshape(-1)])
+    grad_q = torch.zeros_like(q).index_add_(0, flat_rows, flat_g[:, None] * p[None, :])
+    grad_b = torch.zeros_like(b).index_add_(0, flat_rows, flat_g)
+    touched = torch.zeros_like(b).index_fill_(0, flat_rows, 1.0)
+    grad_q += config.l2 * touched[:, None] * q
+
+    q -= config.lr * grad_q
+    b -= config.lr * grad_b
+    p -= config.lr * grad_p
+    return loss

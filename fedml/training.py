@@ -1,0 +1,174 @@
+"""Train the recommender as a run configuration says: federated or central, with its privacy.
+
+This is the library's single entry point for training; the Prefect flow calls it and records what
+it returns. Every privacy mechanism the run applies yields a :class:`PrivacyStatement`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedml.config import RunConfig
+from fedml.data.ids import IdMap
+from fedml.data.interactions import UserItems
+from fedml.data.schema import EVENT, ITEM, RATING, USER
+from fedml.data.split import positive_mask
+from fedml.federated.aggregation import DPFedAvg, FedAvg
+from fedml.federated.client import LocalTraining
+from fedml.federated.rounds import RoundReport, train_federated
+from fedml.models.mf import ItemTable, init_item_table
+from fedml.privacy.accountant import SubsampledGaussianAccountant
+from fedml.privacy.local_dp import laplace_ratings, laplace_statement, randomized_response, randomized_response_statement
+from fedml.privacy.statement import PrivacyStatement, compose_pure
+
+RATING_RANGE = (1.0, 5.0)
+
+
+@dataclass
+class TrainingOutcome:
+    """The trained global model and the privacy it cost."""
+
+    table: ItemTable
+    central: PrivacyStatement | None  # user-level DP-FedAvg or record-level DP-SGD
+    local: PrivacyStatement | None  # local DP applied to the raw data before training
+    rounds: list[RoundReport] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+
+    @property
+    def headline(self) -> PrivacyStatement | None:
+        """The guarantee the gate checks: the central mechanism's, else the local one's."""
+        return self.central or self.local
+
+
+def apply_local_dp(
+    train_frame: pd.DataFrame, ids: IdMap, config: RunConfig, seed: int
+) -> tuple[UserItems, PrivacyStatement]:
+    """Noise each shopper's training data as their device would before sharing it.
+
+    Ratings get discrete Laplace noise (they then decide which ratings count as positives), and
+    every (shopper, item) presence bit goes through randomized response. Both are pure-epsilon per
+    record; they compose by addition on the same record.
+    """
+    rng = np.random.default_rng(seed)
+    ldp = config.privacy.local_dp
+    frame = train_frame.copy()
+    statements = []
+    is_rating = (frame[EVENT] == "rating").to_numpy()
+    if is_rating.any():
+        ratings = frame[RATING].to_numpy(dtype=np.float64, copy=True)
+        ratings[is_rating] = laplace_ratings(ratings[is_rating], ldp.rating_epsilon, *RATING_RANGE, rng, resolution=1.0)
+        frame[RATING] = ratings
+        statements.append(laplace_statement(ldp.rating_epsilon))
+    keep = positive_mask(frame, config.data.min_positive_rating or None)
+    positives = UserItems.from_pairs(
+        ids.user_index(frame.loc[keep, USER]), ids.item_index(frame.loc[keep, ITEM]), ids.n_users, ids.n_items
+    )
+    noisy = randomized_response(positives, ldp.implicit_epsilon, rng)
+    statements.append(randomized_response_statement(ldp.implicit_epsilon))
+    return noisy, compose_pure(statements) if len(statements) > 1 else statements[0]
+
+
+def train_model(
+    data: UserItems,
+    config: RunConfig,
+    *,
+    local_statement: PrivacyStatement | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
+) -> TrainingOutcome:
+    """Train on ``data`` (one row per shopper) the way ``config.training.mode`` says.
+
+    ``local_statement`` is the guarantee of local DP already applied to ``data``, if any.
+    """
+    init = init_item_table(data.n_items, config.model.dim, config.model.init_scale, config.training.seed)
+    if config.training.mode == "central":
+        table, central, rounds, losses = _train_central(data, init, config, on_epoch)
+    else:
+        table, central, rounds, losses = _train_federated(data, init, config, on_round)
+    return TrainingOutcome(table=table, central=central, local=local_statement, rounds=rounds, epoch_losses=losses)
+
+
+def _train_federated(
+    data: UserItems, init: ItemTable, config: RunConfig, on_round: Callable[[RoundReport], None] | None
+) -> tuple[ItemTable, PrivacyStatement | None, list[RoundReport], list[float]]:
+    fed, dp, privacy = config.federated, config.privacy.dp_fedavg, config.privacy
+    local = LocalTraining(
+        epochs=fed.local_epochs,
+        lr=fed.local_lr,
+        batch_size=fed.local_batch_size,
+        negatives=fed.negatives,
+        l2=config.model.l2,
+        fold_in_l2=config.model.fold_in_l2,
+    )
+    accountant = None
+    if dp.enabled:
+        weights = np.minimum(data.counts() / dp.weight_cap, 1.0)
+        aggregator = DPFedAvg(
+            clip_norm=dp.clip_norm,
+            noise_multiplier=dp.noise_multiplier,
+            weight_cap=dp.weight_cap,
+            expected_weight=float(fed.client_rate * weights.sum()),
+            generator=torch.Generator().manual_seed(config.training.seed + 1),
+        )
+        accountant = SubsampledGaussianAccountant(dp.noise_multiplier, fed.client_rate, privacy.accountant)
+    else:
+        aggregator = FedAvg()
+    run = train_federated(
+        data,
+        init,
+        local,
+        aggregator,
+        rounds=fed.rounds,
+        client_rate=fed.client_rate,
+        server_lr=fed.server_lr,
+        seed=config.training.seed,
+        accountant=accountant,
+        delta=privacy.delta,
+        device=config.training.device,
+        on_round=on_round,
+    )
+    statement = None
+    if accountant is not None:
+        statement = PrivacyStatement(
+            epsilon=accountant.epsilon(privacy.delta),
+            delta=privacy.delta,
+            unit="user",
+            mechanism="dp-fedavg (clipped client updates, gaussian noise on the sum, fixed denominator)",
+            accountant=f"{privacy.accountant} (opacus)",
+            sampling=f"poisson q={fed.client_rate:g}",
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=fed.client_rate,
+            steps=accountant.steps,
+        )
+    return run.table, statement, run.reports, []
+
+
+def _train_central(
+    data: UserItems, init: ItemTable, config: RunConfig, on_epoch: Callable[[int, float, float | None], None] | None
+) -> tuple[ItemTable, PrivacyStatement | None, list[RoundReport], list[float]]:
+    from fedml.privacy.dpsgd import train_central  # Opacus import only when used
+
+    sgd, privacy = config.privacy.dp_sgd, config.privacy
+    result = train_central(
+        data,
+        init,
+        epochs=sgd.epochs,
+        batch_size=sgd.batch_size,
+        lr=sgd.lr,
+        negatives=config.federated.negatives,
+        l2=config.model.l2,
+        seed=config.training.seed,
+        private=sgd.enabled,
+        noise_multiplier=sgd.noise_multiplier,
+        max_grad_norm=sgd.max_grad_norm,
+        target_epsilon=sgd.target_epsilon,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        progress=on_epoch,
+    )
+    return result.table, result.statement, [], list(result.losses)

@@ -1,0 +1,76 @@
+"""fedml.training: the configuration decides the mechanism, and each mechanism states its privacy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedml.config import load_config
+from fedml.data.ids import IdMap
+from fedml.data.split import leave_last_out
+from fedml.privacy.accountant import gaussian_epsilon
+from fedml.privacy.dpsgd import poisson_schedule
+from fedml.training import apply_local_dp, train_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def ratings_frame(n_users: int = 60, n_items: int = 40, per_user: int = 8, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        for t, i in enumerate(rng.choice(n_items, per_user, replace=False)):
+            rows.append((f"u{u}", f"i{i}", "rating", float(rng.integers(1, 6)), 1_000_000 + t))
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "event", "rating", "timestamp"])
+
+
+def test_central_dp_sgd_states_a_record_level_epsilon_from_the_accountant() -> None:
+    frame = ratings_frame()
+    ids = IdMap.from_frame(frame)
+    split = leave_last_out(frame, ids)
+    config = load_config(None, [
+        "training.mode=central", "privacy.dp_sgd.enabled=true", "privacy.dp_sgd.epochs=2",
+        "privacy.dp_sgd.batch_size=64", "privacy.dp_sgd.noise_multiplier=1.1", "model.dim=8",
+    ])  # fmt: skip
+    outcome = train_model(split.train, config)
+    statement = outcome.headline
+    assert statement is not None and statement.unit == "record"
+    q, steps = poisson_schedule(split.train.nnz, 64, 2)
+    assert statement.epsilon == pytest.approx(gaussian_epsilon(1.1, q, steps, config.privacy.delta), rel=1e-9)
+    assert outcome.table.n_items == ids.n_items and len(outcome.epoch_losses) == 2
+
+
+def test_central_without_dp_has_no_privacy_statement() -> None:
+    frame = ratings_frame()
+    split = leave_last_out(frame, IdMap.from_frame(frame))
+    config = load_config(None, ["training.mode=central", "privacy.dp_sgd.epochs=1", "model.dim=8"])
+    assert train_model(split.train, config).headline is None
+
+
+def test_local_dp_composes_both_mechanisms_and_flips_bits_at_the_stated_rate() -> None:
+    frame = ratings_frame(n_users=200, n_items=50)
+    ids = IdMap.from_frame(frame)
+    split = leave_last_out(frame, ids)
+    config = load_config(None, ["privacy.local_dp.enabled=true", "privacy.local_dp.implicit_epsilon=2.0",
+                                "privacy.local_dp.rating_epsilon=1.0"])  # fmt: skip
+    noisy, statement = apply_local_dp(split.train_frame, ids, config, seed=3)
+    assert statement.epsilon == pytest.approx(3.0) and statement.delta == 0.0 and statement.unit == "record"
+    flip = 1 / (1 + math.exp(2.0))
+    true_bits = split.train.nnz
+    all_bits = ids.n_users * ids.n_items
+    expected = true_bits * (1 - flip) + (all_bits - true_bits) * flip
+    std = math.sqrt(all_bits * flip * (1 - flip))
+    assert abs(noisy.nnz - expected) < 5 * std
+    # randomized response keeps most true bits: the noisy data still carries each shopper's signal
+    kept = sum(len(np.intersect1d(noisy.of(u), split.train.of(u))) for u in range(ids.n_users))
+    assert kept / true_bits == pytest.approx(1 - flip, abs=0.03)
