@@ -1,0 +1,347 @@
+"""The training pipeline as a Prefect flow: validate, train with privacy, evaluate, register, gate.
+
+Run it with ``make run`` or ``python -m flows.pipeline [--config FILE] [--set section.key=value ...]``.
+Each step is a Prefect task over the ``fedml`` library; MLflow records one run per pipeline run.
+"""
+
+from __future__ import annotations
+
+import flows  # noqa: F401  (offline defaults before Prefect and MLflow load)
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from fedml.config import RunConfig, load_config
+from fedml.data.ids import IdMap
+from fedml.data.interactions import UserItems
+from fedml.data.sources import SourceData, load_source
+from fedml.data.split import Split, leave_last_out
+from fedml.evaluation.ranking import RankingMetrics, evaluate_ranking, popularity_scorer
+from fedml.gate import Candidate, GateDecision, decide, load_policy
+from fedml.models.mf import fold_in, score_all
+from fedml.serving.recommender import Recommender
+from fedml.training import TrainingOutcome, apply_local_dp, train_model
+from flows import tracking
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+
+
+@dataclass
+class PipelineSummary:
+    """What a run did, as printed at the end and returned by the flow."""
+
+    run_id: str
+    model_name: str
+    version: str | None
+    promoted: bool
+    reasons: list[str]
+    production_version: str | None
+    rows_in: int
+    rows_kept: int
+    rows_quarantined: int
+    privacy: str
+    epsilon: float
+    hr_at_10: float
+    popularity_hr_at_10: float
+    tracking_uri: str
+    run_dir: str
+
+    def render(self) -> str:
+        decision = "PROMOTED to production" if self.promoted else "NOT PROMOTED: " + "; ".join(self.reasons)
+        lines = [
+            "",
+            "=== shopping-guide training run ===",
+            f"data        {self.rows_in} rows in, {self.rows_kept} kept, {self.rows_quarantined} quarantined",
+            f"privacy     {self.privacy}",
+            f"quality     HR@10 {self.hr_at_10:.4f} (popularity baseline {self.popularity_hr_at_10:.4f}), "
+            "leave-last-out, full ranking",
+            f"model       {self.model_name} version {self.version}",
+            f"gate        {decision}",
+            f"production  {self.model_name}@production -> version {self.production_version or 'none'}",
+            f"MLflow run  {self.run_id}",
+            f"files       {self.run_dir}",
+            f"look        {ui_hint(self.tracking_uri)}",
+        ]
+        return "\n".join(lines)
+
+
+def ui_hint(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        return f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  (then open http://127.0.0.1:5000)"
+    return f"open {uri} in a browser"
+
+
+# ---------------------------------------------------------------- tasks
+
+
+@task(name="load-data", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def load_data(config: RunConfig) -> SourceData:
+    source = load_source(config.data)
+    get_run_logger().info("loaded %s: %d rows", source.name, len(source.interactions))
+    return source
+
+
+@task(name="validate-data", cache_policy=NO_CACHE)
+def validate_data(source: SourceData, config: RunConfig, run_dir: Path) -> Any:
+    from fedml.data.validation import validate_interactions, write_quarantine, write_report
+
+    result = validate_interactions(
+        source.interactions,
+        source=source.name,
+        expectations_dir=config.data.expectations_dir,
+        min_interactions=config.data.min_interactions,
+        max_quarantine_fraction=config.data.max_quarantine_fraction,
+    )
+    write_quarantine(result, run_dir / "quarantine.csv")
+    write_report(result, run_dir / "validation.json")
+    report = result.report
+    get_run_logger().info(
+        "validation: %d rows in, %d kept, %d quarantined (%s) -> %s",
+        report["rows_in"], report["rows_kept"], report["rows_quarantined"],
+        run_dir / "quarantine.csv", "passed" if result.passed else "FAILED",
+    )  # fmt: skip
+    return result
+
+
+@task(name="split-and-partition", cache_policy=NO_CACHE)
+def split_data(kept: Any, config: RunConfig) -> tuple[IdMap, Split]:
+    ids = IdMap.from_frame(kept)
+    split = leave_last_out(kept, ids, min_rating=config.data.min_positive_rating or None)
+    get_run_logger().info(
+        "%d shoppers (one client each), %d items, %d training positives, %d held out",
+        ids.n_users, ids.n_items, split.train.nnz, int((split.test_items >= 0).sum()),
+    )  # fmt: skip
+    return ids, split
+
+
+@task(name="local-dp", cache_policy=NO_CACHE)
+def local_dp(split: Split, ids: IdMap, config: RunConfig) -> tuple[UserItems, Any]:
+    noisy, statement = apply_local_dp(split.train_frame, ids, config, seed=config.training.seed + 7)
+    get_run_logger().info("local DP applied on the devices: %s", statement.describe())
+    return noisy, statement
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train(data: UserItems, config: RunConfig, local_statement: Any, client: Any, run_id: str) -> TrainingOutcome:
+    logger = get_run_logger()
+    rounds = config.federated.rounds
+
+    def on_round(report: Any) -> None:
+        metrics = {f"train/{k}": v for k, v in report.metrics().items() if k != "epsilon"}
+        if report.epsilon is not None:
+            metrics["privacy/epsilon"] = report.epsilon
+        tracking.log_metrics(client, run_id, metrics, step=report.round)
+        eps = "" if report.epsilon is None else f", epsilon {report.epsilon:.3f} (user-level, delta {config.privacy.delta:g})"
+        logger.info(
+            "round %d/%d: %d clients, loss %.4f, mean update norm %.4f, clipped %.0f%%%s, %.1fs",
+            report.round, rounds, report.clients, report.loss, report.update_norm,
+            100 * report.clipped_fraction, eps, report.seconds,
+        )  # fmt: skip
+
+    def on_epoch(epoch: int, loss: float, epsilon: float | None) -> None:
+        metrics = {"train/loss": loss}
+        if epsilon is not None:
+            metrics["privacy/epsilon"] = epsilon
+        tracking.log_metrics(client, run_id, metrics, step=epoch)
+        logger.info("epoch %d/%d: loss %.4f%s", epoch, config.privacy.dp_sgd.epochs, loss,
+                    "" if epsilon is None else f", epsilon {epsilon:.3f} (record-level)")  # fmt: skip
+
+    outcome = train_model(data, config, local_statement=local_statement, on_round=on_round, on_epoch=on_epoch)
+    headline = outcome.headline
+    logger.info("trained: %s", headline.describe() if headline else "no differential privacy")
+    return outcome
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(outcome: TrainingOutcome, split: Split, config: RunConfig) -> dict[str, RankingMetrics]:
+    table, ev = outcome.table, config.evaluation
+
+    def model_scorer(users: Any, histories: list[Any]) -> Any:
+        vectors = fold_in(table, histories, negatives=config.federated.negatives, l2=config.model.fold_in_l2,
+                          iterations=config.model.fold_in_iterations)  # fmt: skip
+        return score_all(table, vectors)
+
+    common = dict(k=ev.k, sampled_negatives=ev.sampled_negatives, max_users=ev.max_users, seed=ev.seed)
+    results = {
+        "model": evaluate_ranking(model_scorer, split.train, split.test_items, **common),
+        "popularity": evaluate_ranking(popularity_scorer(split.train), split.train, split.test_items, **common),
+    }
+    get_run_logger().info(
+        "HR@%d %.4f, NDCG@%d %.4f (popularity HR@%d %.4f); %s",
+        ev.k, results["model"].hit_rate, ev.k, results["model"].ndcg, ev.k, results["popularity"].hit_rate,
+        results["model"].protocol,
+    )  # fmt: skip
+    return results
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def register(
+    client: Any, run_id: str, recommender: Recommender, config: RunConfig, tags: dict[str, str]
+) -> str:
+    version = tracking.log_and_register_model(client, run_id, recommender, config.tracking.registered_model, tags)
+    get_run_logger().info("registered %s version %s", config.tracking.registered_model, version)
+    return version
+
+
+@task(name="promotion-gate", cache_policy=NO_CACHE)
+def gate(client: Any, config: RunConfig, version: str, candidate: Candidate, policy_file: str) -> tuple[GateDecision, str | None]:
+    policy = load_policy(policy_file)
+    name, alias = config.tracking.registered_model, config.tracking.production_alias
+    current = tracking.production_candidate(client, name, alias)
+    decision = decide(candidate, policy, current[1] if current else None)
+    tracking.record_decision(client, name, version, decision, alias, current[0] if current else None)
+    logger = get_run_logger()
+    if decision.promote:
+        logger.info("gate: version %s promoted to @%s (was %s)", version, alias, current[0] if current else "none")
+    else:
+        logger.warning("gate: version %s NOT promoted: %s", version, "; ".join(decision.reasons))
+    return decision, version if decision.promote else (current[0] if current else None)
+
+
+# ---------------------------------------------------------------- flow
+
+
+@flow(name="shopping-guide-training", log_prints=True)
+def training_pipeline(
+    config_file: str | None = None, overrides: list[str] | None = None, policy_file: str | None = None
+) -> dict[str, Any]:
+    """Train, evaluate, register and (maybe) promote the shopping guide; returns the run summary."""
+    config = load_config(config_file, overrides)
+    policy_path = policy_file or config.tracking.policy_file
+    load_policy(policy_path)  # fail before any work when the policy is broken
+    started = datetime.now(timezone.utc)
+    run_dir = Path(config.tracking.output_dir) / started.strftime("%Y%m%dT%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(config.to_json())
+
+    client = tracking.connect()
+    run_id = tracking.start_run(
+        client, config.tracking.experiment, f"train-{started:%Y%m%d-%H%M%S}",
+        {"code.version": tracking.code_version(), "pipeline": "shopping-guide-training"},
+    )  # fmt: skip
+    try:
+        summary = _run_steps(config, policy_path, client, run_id, run_dir)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    print(summary.render())
+    create_markdown_artifact(markdown=_markdown(summary), key="training-summary", description="shopping-guide run")
+    return asdict(summary)
+
+
+def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, run_dir: Path) -> PipelineSummary:
+    tracking.log_params(client, run_id, config.to_flat_dict())
+    client.log_artifact(run_id, str(run_dir / "config.json"))
+
+    source = load_data(config)
+    validation = validate_data(source, config, run_dir)
+    client.log_artifact(run_id, str(run_dir / "validation.json"), "validation")
+    client.log_artifact(run_id, str(run_dir / "quarantine.csv"), "validation")
+    report = validation.report
+    tracking.log_metrics(client, run_id, {
+        "data/rows_in": report["rows_in"], "data/rows_kept": report["rows_kept"],
+        "data/rows_quarantined": report["rows_quarantined"],
+    })  # fmt: skip
+    client.set_tag(run_id, "data.fingerprint", source.fingerprint)
+    client.set_tag(run_id, "validation.passed", str(validation.passed).lower())
+
+    ids, split = split_data(validation.kept, config)
+    training_data, local_statement = split.train, None
+    if config.privacy.local_dp.enabled:
+        training_data, local_statement = local_dp(split, ids, config)
+    outcome = train(training_data, config, local_statement, client, run_id)
+    metrics = evaluate(outcome, split, config)
+
+    headline = outcome.headline
+    privacy_tags = tracking.privacy_tags(headline, outcome.local)
+    quality = {**metrics["model"].as_metrics("quality/"), **metrics["popularity"].as_metrics("baseline/popularity/")}
+    tracking.log_metrics(client, run_id, quality)
+    if headline is not None:
+        tracking.log_metrics(client, run_id, {"privacy/epsilon_final": headline.epsilon})
+    tracking.set_run_tags(client, run_id, privacy_tags)
+    tracking.log_json(client, run_id, "privacy.json", {
+        "headline": asdict(headline) if headline else None,
+        "local": asdict(outcome.local) if outcome.local else None,
+        "statement": headline.describe() if headline else "no differential privacy",
+    })  # fmt: skip
+    tracking.log_json(client, run_id, "evaluation.json", {k: asdict(v) for k, v in metrics.items()})
+
+    hr = metrics["model"].hit_rate
+    version_tags = {
+        **privacy_tags,
+        "data.fingerprint": source.fingerprint,
+        "data.source": source.name,
+        "validation.passed": str(validation.passed).lower(),
+        "quality.hr_at_10": repr(hr),
+        "quality.ndcg_at_10": repr(metrics["model"].ndcg),
+        "quality.protocol": metrics["model"].protocol,
+        "baseline.popularity.hr_at_10": repr(metrics["popularity"].hit_rate),
+        "code.version": tracking.code_version(),
+        "mlflow.run_id": run_id,
+    }
+    recommender = Recommender(
+        table=outcome.table, ids=ids, negatives=config.federated.negatives,
+        fold_in_l2=config.model.fold_in_l2, fold_in_iterations=config.model.fold_in_iterations,
+    )  # fmt: skip
+    version = register(client, run_id, recommender, config, version_tags)
+    candidate = Candidate(
+        epsilon=headline.epsilon if headline else float("inf"),
+        delta=headline.delta if headline else 0.0,
+        hr_at_10=hr,
+        validation_passed=validation.passed,
+    )
+    decision, production = gate(client, config, version, candidate, policy_path)
+    client.set_tag(run_id, "gate.decision", "promoted" if decision.promote else "rejected")
+    return PipelineSummary(
+        run_id=run_id,
+        model_name=config.tracking.registered_model,
+        version=version,
+        promoted=decision.promote,
+        reasons=decision.reasons,
+        production_version=production,
+        rows_in=report["rows_in"],
+        rows_kept=report["rows_kept"],
+        rows_quarantined=report["rows_quarantined"],
+        privacy=headline.describe() if headline else "none (epsilon = inf)",
+        epsilon=headline.epsilon if headline else float("inf"),
+        hr_at_10=hr,
+        popularity_hr_at_10=metrics["popularity"].hit_rate,
+        tracking_uri=tracking.tracking_uri(),
+        run_dir=str(run_dir),
+    )
+
+
+def _markdown(summary: PipelineSummary) -> str:
+    return "# Shopping-guide training run\n\n```\n" + summary.render().strip() + "\n```\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedml-pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run configuration (TOML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one configuration value (repeatable)")  # fmt: skip
+    parser.add_argument("--policy", default=None, help="promotion policy (TOML); default from the configuration")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    state = training_pipeline(args.config, args.overrides, args.policy, return_state=True)
+    if state.is_failed():
+        print(f"pipeline failed: {state.message}", file=sys.stderr)
+        return 1
+    state.result()
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0  # "not promoted" is a normal outcome, reported in the summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
