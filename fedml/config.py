@@ -86,6 +86,9 @@ class LocalDPConfig:
 class PrivacyConfig:
     delta: float = 1e-5
     accountant: Literal["rdp", "prv"] = "rdp"
+    # Training loss, update norms and clipped fractions are computed from raw data and are NOT
+    # covered by epsilon: under a central DP mechanism they are published only when this is true.
+    publish_diagnostics: bool = False
     dp_fedavg: DPFedAvgConfig = field(default_factory=DPFedAvgConfig)
     dp_sgd: DPSGDConfig = field(default_factory=DPSGDConfig)
     local_dp: LocalDPConfig = field(default_factory=LocalDPConfig)
@@ -127,6 +130,13 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def publishes_diagnostics(self) -> bool:
+        """Whether un-noised training diagnostics may be logged: no central DP, or explicitly allowed."""
+        central_dp = (
+            self.privacy.dp_sgd.enabled if self.training.mode == "central" else self.privacy.dp_fedavg.enabled
+        )
+        return self.privacy.publish_diagnostics or not central_dp
 
     def to_flat_dict(self) -> dict[str, Any]:
         """``{"federated.rounds": 30, ...}``: the form logged as MLflow params."""

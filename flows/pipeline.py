@@ -136,25 +136,30 @@ def train(data: UserItems, config: RunConfig, local_statement: Any, client: Any,
     logger = get_run_logger()
     rounds = config.federated.rounds
 
+    private_diagnostics = not config.publishes_diagnostics()
+
     def on_round(report: Any) -> None:
-        metrics = {f"train/{k}": v for k, v in report.metrics().items() if k != "epsilon"}
+        # Under DP-FedAvg only what the accountant covers (and public counts) leaves the server.
+        metrics: dict[str, float] = {"train/clients": report.clients, "train/seconds": report.seconds}
+        if not private_diagnostics:
+            metrics.update({f"train/{k}": v for k, v in report.metrics().items() if k != "epsilon"})
         if report.epsilon is not None:
             metrics["privacy/epsilon"] = report.epsilon
         tracking.log_metrics(client, run_id, metrics, step=report.round)
         eps = "" if report.epsilon is None else f", epsilon {report.epsilon:.3f} (user-level, delta {config.privacy.delta:g})"
-        logger.info(
-            "round %d/%d: %d clients, loss %.4f, mean update norm %.4f, clipped %.0f%%%s, %.1fs",
-            report.round, rounds, report.clients, report.loss, report.update_norm,
-            100 * report.clipped_fraction, eps, report.seconds,
-        )  # fmt: skip
+        detail = "" if private_diagnostics else (
+            f", loss {report.loss:.4f}, mean update norm {report.update_norm:.4f}, clipped {100 * report.clipped_fraction:.0f}%"
+        )
+        logger.info("round %d/%d: %d clients%s%s, %.1fs", report.round, rounds, report.clients, detail, eps, report.seconds)
 
     def on_epoch(epoch: int, loss: float, epsilon: float | None) -> None:
-        metrics = {"train/loss": loss}
+        metrics = {} if private_diagnostics else {"train/loss": loss}
         if epsilon is not None:
             metrics["privacy/epsilon"] = epsilon
         tracking.log_metrics(client, run_id, metrics, step=epoch)
-        logger.info("epoch %d/%d: loss %.4f%s", epoch, config.privacy.dp_sgd.epochs, loss,
-                    "" if epsilon is None else f", epsilon {epsilon:.3f} (record-level)")  # fmt: skip
+        detail = "" if private_diagnostics else f": loss {loss:.4f}"
+        eps = "" if epsilon is None else f", epsilon {epsilon:.3f} (record-level)"
+        logger.info("epoch %d/%d%s%s", epoch, config.privacy.dp_sgd.epochs, detail, eps)
 
     outcome = train_model(data, config, local_statement=local_statement, on_round=on_round, on_epoch=on_epoch)
     headline = outcome.headline

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -117,6 +118,7 @@ def log_and_register_model(
             python_model=ShoppingGuideModel(),
             artifacts={"recommender": str(recommender_dir)},
             signature=signature(),
+            input_example=pd.DataFrame({"history": [list(recommender.ids.items[:2])], "k": [5]}),
             code_paths=[str(package_dir)],
             pip_requirements=[f"torch=={_version('torch')}", f"mlflow=={mlflow.__version__}", "numpy", "pandas"],
             registered_model_name=model_name,

@@ -49,6 +49,7 @@ def test_second_run_over_the_epsilon_ceiling_is_registered_but_not_promoted(pipe
     assert [m.step for m in history] == [1, 2, 3, 4]
     assert all(a.value < b.value for a, b in zip(history, history[1:]))
     assert run.data.params["federated.rounds"] == "4"
+    assert "train/loss" not in run.data.metrics, "un-noised diagnostics must not be published under DP"
     assert run.data.tags["privacy.unit"] == "user"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
     assert {"validation/validation.json", "validation/quarantine.csv"} <= artifacts

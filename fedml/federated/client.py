@@ -25,6 +25,7 @@ class LocalTraining:
     negatives: int
     l2: float
     fold_in_l2: float = 1.0
+    fold_in_iterations: int = 8
 
 
 @dataclass
@@ -81,7 +82,9 @@ def client_update(
     n_items = table.n_items
     positives = np.asarray(positives, dtype=np.int64)
     if user_vector is None:
-        user_vector = fold_in(table, [positives], negatives=config.negatives, l2=config.fold_in_l2)[0]
+        user_vector = fold_in(
+            table, [positives], negatives=config.negatives, l2=config.fold_in_l2, iterations=config.fold_in_iterations
+        )[0]
     p = user_vector.clone().to(table.embeddings.dtype)
 
     order = np.stack([rng.permutation(len(positives)) for _ in range(config.epochs)])
