@@ -23,7 +23,12 @@ from fedml.federated.client import LocalTraining
 from fedml.federated.rounds import RoundReport, train_federated
 from fedml.models.mf import ItemTable, init_item_table
 from fedml.privacy.accountant import SubsampledGaussianAccountant
-from fedml.privacy.local_dp import laplace_ratings, laplace_statement, randomized_response, randomized_response_statement
+from fedml.privacy.local_dp import (
+    laplace_ratings,
+    laplace_statement,
+    randomized_response,
+    randomized_response_statement,
+)
 from fedml.privacy.statement import PrivacyStatement, compose_pure
 
 RATING_RANGE = (1.0, 5.0)

@@ -6,14 +6,11 @@ Each step is a Prefect task over the ``fedml`` library; MLflow records one run p
 
 from __future__ import annotations
 
-import flows  # noqa: F401  (offline defaults before Prefect and MLflow load)
-
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +221,7 @@ def training_pipeline(
     config = load_config(config_file, overrides)
     policy_path = policy_file or config.tracking.policy_file
     load_policy(policy_path)  # fail before any work when the policy is broken
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     run_dir = Path(config.tracking.output_dir) / started.strftime("%Y%m%dT%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(config.to_json())

@@ -11,7 +11,7 @@ import math
 import os
 import subprocess
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,7 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     from mlflow.entities import Metric
 
-    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    now = int(datetime.now(UTC).timestamp() * 1000)
     finite = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
     if finite:
         client.log_batch(run_id, metrics=finite)
@@ -106,9 +106,8 @@ def log_and_register_model(
     client: MlflowClient, run_id: str, recommender: Recommender, model_name: str, tags: dict[str, str]
 ) -> str:
     """Log the recommender as a pyfunc model in the run and register it; returns the version."""
-    from fedml.serving.pyfunc import ShoppingGuideModel, signature
-
     import fedml
+    from fedml.serving.pyfunc import ShoppingGuideModel, signature
 
     package_dir = Path(fedml.__file__).parent
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
@@ -151,7 +150,7 @@ def record_decision(
     client: MlflowClient, model_name: str, version: str, decision: GateDecision, alias: str, previous: str | None
 ) -> None:
     """Tag the version with the gate's decision; move the alias only when it is promoted."""
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     client.set_model_version_tag(model_name, version, "gate.decision", "promoted" if decision.promote else "rejected")
     client.set_model_version_tag(model_name, version, "gate.reasons", "; ".join(decision.reasons) or "all rules passed")
     client.set_model_version_tag(model_name, version, "gate.decided_at", now)

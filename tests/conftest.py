@@ -34,6 +34,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.update(OFFLINE_ENV)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tests of many tiny tensor ops: one intra-op thread (see fedml.threads)."""
+    from fedml.threads import single_thread
+
+    with single_thread():
+        yield
+
+
 def data_path(*parts: str) -> Path:
     """A real data set under ``FEDML_DATA_DIR``; skips the test, saying why, when it is absent."""
     path = DATA_DIR.joinpath(*parts)

@@ -14,12 +14,7 @@ from fedml.federated.client import ClientUpdate
 N_ITEMS, DIM = 30, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _update(rng: np.random.Generator, num_examples: int, scale: float = 0.05, n_rows: int = 6) -> ClientUpdate:

@@ -24,12 +24,7 @@ N_ITEMS, DIM = 40, 6
 POSITIVES = np.array([3, 7, 8, 15, 21, 22, 30], dtype=np.int64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _table(dtype: torch.dtype, seed: int = 0) -> ItemTable:

@@ -13,25 +13,16 @@ from torch.utils.data import DataLoader
 from fedml.data.interactions import UserItems
 from fedml.models.mf import fold_in, init_item_table, score_all
 from fedml.privacy.accountant import SubsampledGaussianAccountant, gaussian_epsilon
-from fedml.privacy.dpsgd import MECHANISM, MFModel, RecordLoss, RecordDataset, WithNegatives, train_central
+from fedml.privacy.dpsgd import MECHANISM, MFModel, RecordDataset, RecordLoss, WithNegatives, train_central
 
 N_USERS, N_ITEMS, CLUSTERS, PER_USER = 200, 100, 5, 15
 DIM, NEG, BATCH = 16, 4, 64
 DELTA = 1e-5
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Secure RNG turned off", "ignore:Full backward hook is firing"
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP fork/join overhead dominates, and on a loaded 2-core machine each
-    parallel region (e.g. Opacus's embedding index_add) can cost ~10-80 ms. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off", "ignore:Full backward hook is firing"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +88,7 @@ def test_private_training_reports_independently_recomputed_epsilon(data, init):
     assert s.epsilon == pytest.approx(gaussian_epsilon(1.0, q, steps, DELTA), rel=1e-12)
     independent = SubsampledGaussianAccountant(1.0, q)
     epsilons = []
-    for epoch in range(3):
+    for _epoch in range(3):
         independent.step(n_batches)
         epsilons.append(independent.epsilon(DELTA))
     assert [e for _, _, e in seen] == pytest.approx(epsilons, rel=1e-12)

@@ -16,12 +16,7 @@ HISTORIES = {0: [0, 1, 2], 1: [3, 4], 2: [5, 6, 7, 8], 3: [9]}
 TARGETS = np.array([10, 11, 12, -1])  # user 3 has nothing held out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train(histories: dict[int, list[int]] = HISTORIES, n_items: int = N_ITEMS) -> UserItems:

@@ -26,12 +26,7 @@ B = [f"i{i}" for i in range(CLUSTER, 2 * CLUSTER)]
 SHOPPERS = ["alice@example.com", "bob-4711"]  # in the training IdMap; must not be published
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

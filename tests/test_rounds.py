@@ -34,12 +34,7 @@ OPACUS_INT_ORDERS = [a for a in range(2, 64) if a != 11]
 LOCAL = LocalTraining(epochs=2, lr=0.5, batch_size=8, negatives=4, l2=1e-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

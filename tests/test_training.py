@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from fedml.config import load_config
 from fedml.data.ids import IdMap
@@ -16,13 +15,7 @@ from fedml.privacy.accountant import gaussian_epsilon
 from fedml.privacy.dpsgd import poisson_schedule
 from fedml.training import apply_local_dp, train_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def ratings_frame(n_users: int = 60, n_items: int = 40, per_user: int = 8, seed: int = 0) -> pd.DataFrame:

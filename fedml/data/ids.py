@@ -36,7 +36,7 @@ class IdMap:
                 raise ValueError(f"duplicate {kind} ids in IdMap")
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame) -> "IdMap":
+    def from_frame(cls, df: pd.DataFrame) -> IdMap:
         """Sorted distinct user and item ids of a canonical frame → indices ``0..n-1``."""
         return cls(users=_sorted_ids(df[USER], USER), items=_sorted_ids(df[ITEM], ITEM))
 
@@ -78,7 +78,7 @@ class IdMap:
             raise
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "IdMap":
+    def from_json(cls, path: str | Path) -> IdMap:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

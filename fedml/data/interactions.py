@@ -21,7 +21,7 @@ class UserItems:
     n_items: int
 
     @classmethod
-    def from_pairs(cls, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> "UserItems":
+    def from_pairs(cls, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> UserItems:
         """Build from (user, item) index pairs; duplicates are dropped, items sorted per user."""
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)

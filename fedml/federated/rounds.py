@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -16,6 +15,7 @@ from fedml.federated.aggregation import RoundAggregate
 from fedml.federated.client import ClientUpdate, LocalTraining, client_update
 from fedml.federated.sampling import poisson_sample
 from fedml.models.mf import ItemTable
+from fedml.threads import single_thread
 
 
 class Aggregator(Protocol):
@@ -64,17 +64,6 @@ class DeviceStore:
         return len(self._vectors)
 
 
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """One client's tensors are tiny: intra-op threads only add contention (up to 100x slower on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @dataclass
 class FederatedRun:
     table: ItemTable
@@ -112,7 +101,7 @@ def train_federated(
         started = time.perf_counter()
         sampled = [int(c) for c in poisson_sample(data.n_users, client_rate, rng) if counts[c] > 0]
         updates: list[ClientUpdate] = []
-        with _single_thread():
+        with single_thread():
             for client in sampled:
                 update, vector = client_update(table, data.of(client), devices.get(client), local, rng)
                 devices.put(client, vector)

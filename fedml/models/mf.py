@@ -35,10 +35,10 @@ class ItemTable:
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
 
-    def clone(self) -> "ItemTable":
+    def clone(self) -> ItemTable:
         return ItemTable(self.embeddings.clone(), self.bias.clone())
 
-    def to(self, device: str | torch.device) -> "ItemTable":
+    def to(self, device: str | torch.device) -> ItemTable:
         return ItemTable(self.embeddings.to(device), self.bias.to(device))
 
     def to_numpy(self) -> dict[str, np.ndarray]:
@@ -48,7 +48,7 @@ class ItemTable:
         }
 
     @classmethod
-    def from_numpy(cls, arrays: dict[str, np.ndarray]) -> "ItemTable":
+    def from_numpy(cls, arrays: dict[str, np.ndarray]) -> ItemTable:
         return cls(
             torch.as_tensor(np.asarray(arrays["item_embeddings"], dtype=np.float32)),
             torch.as_tensor(np.asarray(arrays["item_bias"], dtype=np.float32)),

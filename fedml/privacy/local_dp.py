@@ -121,25 +121,17 @@ def flip_probability(epsilon: float) -> float:
 
 def laplace_statement(epsilon: float) -> PrivacyStatement:
     """The guarantee of :func:`laplace_ratings`: pure ε-LDP per rating."""
-    return PrivacyStatement(
-        epsilon=float(epsilon),
-        delta=0.0,
-        unit="record",
-        mechanism="local-dp laplace",
-        accountant="pure-epsilon",
-        sampling="none",
-    )
+    return _pure_record_statement(epsilon, "local-dp laplace")
 
 
 def randomized_response_statement(epsilon: float) -> PrivacyStatement:
     """The guarantee of :func:`randomized_response`: pure ε-LDP per (shopper, item) bit."""
+    return _pure_record_statement(epsilon, "local-dp randomized response")
+
+
+def _pure_record_statement(epsilon: float, mechanism: str) -> PrivacyStatement:
     return PrivacyStatement(
-        epsilon=float(epsilon),
-        delta=0.0,
-        unit="record",
-        mechanism="local-dp randomized response",
-        accountant="pure-epsilon",
-        sampling="none",
+        epsilon=float(epsilon), delta=0.0, unit="record", mechanism=mechanism, accountant="pure-epsilon", sampling="none"
     )
 
 

@@ -80,7 +80,7 @@ class Recommender:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Recommender":
+    def load(cls, directory: str | Path) -> Recommender:
         directory = Path(directory)
         with np.load(directory / WEIGHTS_FILE) as arrays:
             table = ItemTable.from_numpy(dict(arrays))
