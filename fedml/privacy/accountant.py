@@ -65,7 +65,7 @@ class SubsampledGaussianAccountant:
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any]) -> "SubsampledGaussianAccountant":
+    def from_state_dict(cls, d: dict[str, Any]) -> SubsampledGaussianAccountant:
         acc = cls(float(d["noise_multiplier"]), float(d["sample_rate"]), d["accountant"])
         acc.step(int(d["steps"]))
         return acc

@@ -9,8 +9,9 @@ accounting relies on. ``to_tags`` gives the flat ``privacy.*`` form logged with 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 _ACCOUNTANT_NAMES = {
     "rdp (opacus)": "RDP accountant (Opacus)",
