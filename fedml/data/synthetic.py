@@ -94,14 +94,8 @@ def generate_shop(
     _check_sizes(n_shoppers, n_items, n_categories, mean_sessions)
     rng = np.random.default_rng(seed)
     catalogue = _make_catalogue(rng, n_items, n_categories)
-    tastes = _make_tastes(rng, n_shoppers, catalogue.category_p)
-    n_sessions = 1 + rng.negative_binomial(
-        SESSION_DISPERSION, SESSION_DISPERSION / (SESSION_DISPERSION + mean_sessions - 1), n_shoppers
-    )
-    shoppers = np.repeat(np.arange(n_shoppers, dtype=np.int64), n_sessions)
-    views = [_session_views(rng, catalogue, tastes, shoppers, EXPLORE_PROB)]
-    views += _top_up(rng, catalogue, tastes, views[0], n_shoppers, n_items)
-    interactions = _interactions_frame(rng, _concat(views), n_shoppers, n_items, _unix(start))
+    events, stage = _shopper_events(rng, catalogue, n_shoppers, mean_sessions)
+    interactions = _interactions_frame(events, stage, n_shoppers, n_items, _unix(start))
     return Shop(interactions=interactions, catalogue=_catalogue_frame(rng, catalogue))
 
 
@@ -218,23 +212,42 @@ def _funnel(rng: np.random.Generator, views: _Events) -> tuple[_Events, np.ndarr
     return events, stage
 
 
-def _interactions_frame(
-    rng: np.random.Generator, views: _Events, n_shoppers: int, n_items: int, start: int
-) -> pd.DataFrame:
-    events, stage = _funnel(rng, views)
+def _shopper_events(
+    rng: np.random.Generator, cat: _Catalogue, n_shoppers: int, mean_sessions: float
+) -> tuple[_Events, np.ndarray]:
+    """The shopper model for shoppers ``0..n_shoppers-1``: tastes, sessions, top-up and funnel.
+
+    Returns the events and their funnel stage (int8) in the frame's row order: sorted by
+    shopper, then time, funnel stage and item, exact repeats dropped. Shared with
+    :mod:`fedml.data.population`, which calls it once per block of shoppers.
+    """
+    n_items = len(cat.category)
+    tastes = _make_tastes(rng, n_shoppers, cat.category_p)
+    n_sessions = 1 + rng.negative_binomial(
+        SESSION_DISPERSION, SESSION_DISPERSION / (SESSION_DISPERSION + mean_sessions - 1), n_shoppers
+    )
+    shoppers = np.repeat(np.arange(n_shoppers, dtype=np.int64), n_sessions)
+    views = [_session_views(rng, cat, tastes, shoppers, EXPLORE_PROB)]
+    views += _top_up(rng, cat, tastes, views[0], n_shoppers, n_items)
+    events, stage = _funnel(rng, _concat(views))
     # order by shopper, then time, funnel stage and item (one int64 key: times span only ~90 days)
     within = (events.time * len(FUNNEL) + stage) * n_items + events.item
     order = np.lexsort((within, events.shopper))
     shopper, within = events.shopper[order], within[order]
     repeat = (shopper[1:] == shopper[:-1]) & (within[1:] == within[:-1])  # e.g. two carts in one second
     order = order[np.concatenate([[True], ~repeat])]
+    return _Events(events.shopper[order], events.item[order], events.time[order]), stage[order]
+
+
+def _interactions_frame(events: _Events, stage: np.ndarray, n_shoppers: int, n_items: int, start: int) -> pd.DataFrame:
+    """The canonical frame of events already in row order (see :func:`_shopper_events`)."""
     return pd.DataFrame(
         {
-            USER: pd.array(shopper_ids(n_shoppers), dtype="str").take(events.shopper[order]),
-            ITEM: pd.array(product_ids(n_items), dtype="str").take(events.item[order]),
-            EVENT: pd.array(np.array(FUNNEL), dtype="str").take(stage[order].astype(np.int64)),
-            RATING: np.full(len(order), np.nan),
-            TIMESTAMP: start + events.time[order],
+            USER: pd.array(shopper_ids(n_shoppers), dtype="str").take(events.shopper),
+            ITEM: pd.array(product_ids(n_items), dtype="str").take(events.item),
+            EVENT: pd.array(np.array(FUNNEL), dtype="str").take(stage.astype(np.int64)),
+            RATING: np.full(len(stage), np.nan),
+            TIMESTAMP: start + events.time,
         }
     )
 

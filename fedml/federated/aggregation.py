@@ -45,30 +45,70 @@ class _Accumulator:
         self.bias = torch.zeros(n_items, dtype=torch.float64, device=device)
 
     def add(self, update: ClientUpdate, scale: float) -> None:
-        self.embeddings.index_add_(0, update.rows, update.delta_embeddings.double() * scale)
-        self.bias.index_add_(0, update.rows, update.delta_bias.double() * scale)
+        self.add_rows(update.rows, update.delta_embeddings, update.delta_bias, scale)
+
+    def add_rows(self, rows: torch.Tensor, embeddings: torch.Tensor, bias: torch.Tensor, scale: float | torch.Tensor) -> None:
+        """Add scaled rows; ``scale`` is one float, or a float64 tensor with one entry per row."""
+        column = scale[:, None] if isinstance(scale, torch.Tensor) else scale
+        self.embeddings.index_add_(0, rows, embeddings.double() * column)
+        self.bias.index_add_(0, rows, bias.double() * scale)
 
 
-class FedAvg:
-    """Plain FedAvg over deltas: sum_k n_k * delta_k / sum_k n_k."""
+class _WeightedDeltaSum:
+    """sum_k scale_k * delta_k, the scales a function of (n_k, |delta_k|); subclasses say which.
+
+    ``aggregate`` takes the clients' updates one by one; ``aggregate_batched`` takes a whole round's
+    row-concatenated uploads (:class:`fedml.federated.batched.BatchedUpdate`) in one ``index_add``.
+    """
+
+    def _scales(self, num_examples: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, int]:
+        """Per-client scales, and how many clients were clipped."""
+        raise NotImplementedError
+
+    def _finish(self, acc: _Accumulator, device: str) -> None:
+        """Whatever happens to the sum after the clients are in (noise, denominator)."""
 
     def aggregate(self, updates: list[ClientUpdate], n_items: int, dim: int, device: str = "cpu") -> RoundAggregate:
+        norms = np.array([u.norm() for u in updates], dtype=np.float64)
+        num_examples = np.array([u.num_examples for u in updates], dtype=np.int64)
+        scales, clipped = self._scales(num_examples, norms)
         acc = _Accumulator(n_items, dim, device)
-        total = sum(u.num_examples for u in updates)
-        for update in updates:
-            acc.add(update, update.num_examples / total if total else 0.0)
-        norms = [u.norm() for u in updates]
+        for update, scale in zip(updates, scales.tolist()):
+            acc.add(update, scale)
+        return self._result(acc, num_examples, norms, clipped, device)
+
+    def aggregate_batched(self, batch, n_items: int, dim: int, device: str = "cpu") -> RoundAggregate:
+        norms = batch.norms().cpu().numpy()
+        num_examples = np.asarray(batch.num_examples, dtype=np.int64)
+        scales, clipped = self._scales(num_examples, norms)
+        acc = _Accumulator(n_items, dim, device)
+        per_row = torch.as_tensor(scales, dtype=torch.float64, device=batch.owner.device)[batch.owner]
+        acc.add_rows(batch.rows, batch.delta_embeddings, batch.delta_bias, per_row)
+        return self._result(acc, num_examples, norms, clipped, device)
+
+    def _result(self, acc: _Accumulator, num_examples: np.ndarray, norms: np.ndarray, clipped: int, device: str) -> RoundAggregate:
+        self._finish(acc, device)
+        n = len(num_examples)
         return RoundAggregate(
             acc.embeddings,
             acc.bias,
-            num_clients=len(updates),
-            num_examples=total,
-            mean_update_norm=float(np.mean(norms)) if norms else 0.0,
+            num_clients=n,
+            num_examples=int(num_examples.sum()),
+            mean_update_norm=float(np.mean(norms)) if n else 0.0,
+            clipped_fraction=clipped / n if n else 0.0,
         )
 
 
+class FedAvg(_WeightedDeltaSum):
+    """Plain FedAvg over deltas: sum_k n_k * delta_k / sum_k n_k."""
+
+    def _scales(self, num_examples: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, int]:
+        total = int(num_examples.sum())
+        return (num_examples / total if total else np.zeros(len(num_examples))), 0
+
+
 @dataclass
-class DPFedAvg:
+class DPFedAvg(_WeightedDeltaSum):
     """User-level DP-FedAvg: clip to ``clip_norm``, cap weights, noise the sum, fixed denominator.
 
     ``expected_weight`` is q * W, the expected total weight of a round (W = sum of every shopper's
@@ -81,32 +121,21 @@ class DPFedAvg:
     expected_weight: float
     generator: torch.Generator
 
-    def client_weight(self, num_examples: int) -> float:
-        return min(num_examples / self.weight_cap, 1.0)
+    def client_weight(self, num_examples: int | np.ndarray) -> float | np.ndarray:
+        return np.minimum(num_examples / self.weight_cap, 1.0)
 
-    def aggregate(self, updates: list[ClientUpdate], n_items: int, dim: int, device: str = "cpu") -> RoundAggregate:
-        acc = _Accumulator(n_items, dim, device)
-        norms, clipped = [], 0
-        for update in updates:
-            norm = update.norm()
-            norms.append(norm)
-            factor = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
-            clipped += factor < 1.0
-            acc.add(update, self.client_weight(update.num_examples) * factor)
+    def _scales(self, num_examples: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, int]:
+        with np.errstate(divide="ignore"):
+            factors = np.where(norms > 0, np.minimum(1.0, self.clip_norm / norms), 1.0)
+        return self.client_weight(num_examples) * factors, int((factors < 1.0).sum())
+
+    def _finish(self, acc: _Accumulator, device: str) -> None:
         std = self.noise_multiplier * self.clip_norm
         if std > 0:
             acc.embeddings += _gaussian(acc.embeddings.shape, std, self.generator, device)
             acc.bias += _gaussian(acc.bias.shape, std, self.generator, device)
         acc.embeddings /= self.expected_weight
         acc.bias /= self.expected_weight
-        return RoundAggregate(
-            acc.embeddings,
-            acc.bias,
-            num_clients=len(updates),
-            num_examples=sum(u.num_examples for u in updates),
-            mean_update_norm=float(np.mean(norms)) if norms else 0.0,
-            clipped_fraction=clipped / len(updates) if updates else 0.0,
-        )
 
 
 def _gaussian(shape: torch.Size, std: float, generator: torch.Generator, device: str) -> torch.Tensor:
