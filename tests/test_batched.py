@@ -1,5 +1,6 @@
 """The batched round engine against the one-client-at-a-time reference (client_update, FedAvg,
-DP-FedAvg, train_federated): same draws, same uploads, same aggregate, same runs, to float rounding."""
+DP-FedAvg, train_federated): same draws, same uploads, same aggregate, same runs, to float rounding;
+and a round split into shards gives the unsharded result."""
 
 from __future__ import annotations
 
@@ -9,14 +10,10 @@ import torch
 
 from fedml.data.interactions import UserItems
 from fedml.federated.aggregation import DPFedAvg, FedAvg
-from fedml.federated.batched import (
-    BatchedUpdate,
-    aggregate_batched,
-    batched_client_updates,
-    train_federated_batched,
-)
+from fedml.federated.batched import BatchedUpdate, batched_client_updates
 from fedml.federated.client import LocalTraining, client_update
-from fedml.federated.rounds import train_federated
+from fedml.federated.randomness import draw_round
+from fedml.federated.rounds import run_in_process, train_federated
 from fedml.models.mf import ItemTable, init_item_table
 from fedml.privacy.accountant import SubsampledGaussianAccountant
 
@@ -43,13 +40,20 @@ def _vectors(n: int, dtype: torch.dtype, device: str = "cpu") -> list[torch.Tens
     return [None if i % 2 else (torch.randn(DIM, generator=gen) * 0.4).to(dtype).to(device) for i in range(n)]
 
 
+def _draws(clients, config, seed=5):
+    """The round's draws (round 1 of a run with ``seed``; client ids are positions)."""
+    return draw_round(seed, 1, np.arange(len(clients)), clients, N_ITEMS, config.epochs, config.negatives)
+
+
 def _both(table, clients, vectors, config, seed=5):
-    """The reference (one client at a time) and the batched engine, each from rng(seed)."""
-    rng_ref, rng_batch = np.random.default_rng(seed), np.random.default_rng(seed)
-    reference = [client_update(table, c, v, config, rng_ref) for c, v in zip(clients, vectors)]
-    batch, new_vectors = batched_client_updates(table, clients, vectors, config, rng_batch)
-    # the same draws were consumed: the generators are in the same state
-    assert rng_ref.bit_generator.state == rng_batch.bit_generator.state
+    """The reference (one client at a time) and the batched engine, from the same draws."""
+    draws = _draws(clients, config, seed)
+    copies = [(d.order.copy(), d.negatives.copy()) for d in draws]
+    reference = [client_update(table, c, v, config, d) for c, v, d in zip(clients, vectors, draws)]
+    batch, new_vectors = batched_client_updates(table, clients, vectors, config, draws)
+    # neither engine wrote into the draws
+    for d, (order, negatives) in zip(draws, copies):
+        assert np.array_equal(d.order, order) and np.array_equal(d.negatives, negatives)
     return reference, batch, new_vectors
 
 
@@ -107,7 +111,7 @@ def test_batched_aggregate_equals_the_reference(make):
     clients = _clients()
     reference, batch, _ = _both(table, clients, _vectors(len(clients), torch.float32), CONFIGS[0])
     expected = make().aggregate([u for u, _ in reference], N_ITEMS, DIM)
-    got = aggregate_batched(make(), batch, N_ITEMS, DIM)
+    got = make().aggregate_batched(batch, N_ITEMS, DIM)
     assert got.delta_embeddings.dtype == torch.float64
     torch.testing.assert_close(got.delta_embeddings, expected.delta_embeddings, atol=1e-6, rtol=0)
     torch.testing.assert_close(got.delta_bias, expected.delta_bias, atol=1e-6, rtol=0)
@@ -124,16 +128,15 @@ def test_batched_aggregate_equals_the_reference(make):
 
 def test_an_empty_round():
     table = _table()
-    rng = np.random.default_rng(0)
-    state = rng.bit_generator.state
-    batch, vectors = batched_client_updates(table, [], [], CONFIGS[0], rng)
+    batch, vectors = batched_client_updates(table, [], [], CONFIGS[0], _draws([], CONFIGS[0]))
     assert isinstance(batch, BatchedUpdate) and len(batch) == 0 and vectors == []
     assert batch.rows.numel() == 0 and batch.norms().numel() == 0 and batch.clients() == []
-    assert rng.bit_generator.state == state
-    aggregate = aggregate_batched(FedAvg(), batch, N_ITEMS, DIM)
-    assert aggregate.num_clients == 0 and not aggregate.delta_embeddings.any()
+    for aggregator in (FedAvg(), _dp(0.3, 0.0)):
+        aggregate = aggregator.aggregate_batched(batch, N_ITEMS, DIM)
+        assert aggregate.num_clients == 0 and not aggregate.delta_embeddings.any()
+    clients = _clients([3])
     with pytest.raises(ValueError):
-        batched_client_updates(table, _clients([3]), [], CONFIGS[0], rng)
+        batched_client_updates(table, clients, [], CONFIGS[0], _draws(clients, CONFIGS[0]))
 
 
 @pytest.fixture(scope="module")
@@ -150,32 +153,84 @@ def shop() -> UserItems:
     return UserItems.from_pairs(np.array(users), np.array(items), 200, 80)
 
 
-@pytest.mark.parametrize("private", [False, True], ids=["fedavg", "dp-fedavg"])
-def test_batched_run_equals_the_reference_run(shop, private):
-    local = LocalTraining(epochs=2, lr=0.5, batch_size=8, negatives=4, l2=1e-4)
+LOCAL = LocalTraining(epochs=2, lr=0.5, batch_size=8, negatives=4, l2=1e-4)
 
-    def run(train):
-        aggregator = DPFedAvg(0.5, 1.0, 5.0, 0.4 * 180.0, torch.Generator().manual_seed(1)) if private else FedAvg()
-        accountant = SubsampledGaussianAccountant(1.0, 0.4, "rdp") if private else None
-        init = init_item_table(80, DIM, 0.1, seed=0)
-        return train(
-            shop, init, local, aggregator, rounds=4, client_rate=0.4, server_lr=1.0, seed=2, accountant=accountant
-        )
 
-    reference, batched = run(train_federated), run(train_federated_batched)
-    torch.testing.assert_close(batched.table.embeddings, reference.table.embeddings, atol=1e-5, rtol=0)
-    torch.testing.assert_close(batched.table.bias, reference.table.bias, atol=1e-5, rtol=0)
-    assert not torch.equal(reference.table.embeddings, init_item_table(80, DIM, 0.1, seed=0).embeddings)
-    assert len(batched.reports) == len(reference.reports) == 4
-    for mine, theirs in zip(batched.reports, reference.reports):
+def _run(shop, private: bool, *, rounds: int = 4, **kwargs):
+    """train_federated on the shop; a fresh aggregator (DP: same noise generator seed) every run."""
+    aggregator = DPFedAvg(0.5, 1.0, 5.0, 0.4 * 180.0, torch.Generator().manual_seed(1)) if private else FedAvg()
+    accountant = SubsampledGaussianAccountant(1.0, 0.4, "rdp") if private else None
+    init = init_item_table(80, DIM, 0.1, seed=0)
+    return train_federated(
+        shop, init, LOCAL, aggregator, rounds=rounds, client_rate=0.4, server_lr=1.0, seed=2, accountant=accountant,
+        **kwargs,
+    )  # fmt: skip
+
+
+def _assert_same_run(got, expected, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(got.table.embeddings, expected.table.embeddings, atol=atol, rtol=0)
+    torch.testing.assert_close(got.table.bias, expected.table.bias, atol=atol, rtol=0)
+    assert len(got.reports) == len(expected.reports)
+    for mine, theirs in zip(got.reports, expected.reports):
         assert (mine.round, mine.clients, mine.examples, mine.epsilon) == (
             theirs.round, theirs.clients, theirs.examples, theirs.epsilon
         )  # fmt: skip
-        assert mine.loss == pytest.approx(theirs.loss, abs=1e-5)
-        assert mine.update_norm == pytest.approx(theirs.update_norm, abs=1e-5)
+        assert mine.loss == pytest.approx(theirs.loss, abs=atol)
+        assert mine.update_norm == pytest.approx(theirs.update_norm, abs=atol)
         assert mine.clipped_fraction == theirs.clipped_fraction
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["fedavg", "dp-fedavg"])
+def test_batched_run_equals_the_reference_run(shop, private):
+    reference = _run(shop, private, engine="reference")
+    batched = _run(shop, private, engine="batched")
+    _assert_same_run(batched, reference)
+    assert not torch.equal(reference.table.embeddings, init_item_table(80, DIM, 0.1, seed=0).embeddings)
+    assert len(reference.reports) == 4 and all(r.clients > 0 for r in reference.reports)
     if private:
         assert any(0 < r.clipped_fraction < 1 for r in reference.reports)
+    # the batched engine is the default
+    _assert_same_run(_run(shop, private), batched, atol=0)
+
+
+def _recording_runner(sizes: list[list[int]]):
+    """run_in_process, noting the clients per shard of every round."""
+
+    def runner(shards):
+        sizes.append([len(s.positives) for s in shards])
+        return run_in_process(shards)
+
+    return runner
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["fedavg", "dp-fedavg-noise"])
+def test_sharding_does_not_change_the_run(shop, private):
+    """Each shard trains its clients from their own draws and returns a float64 partial sum; the
+    server adds the DP noise once, at finish. Shards change nothing but float rounding (summation
+    order; one fold-in per shard for first-time clients)."""
+    one_sizes, three_sizes, reference_sizes = [], [], []
+    one = _run(shop, private, engine="batched", shards=1, shard_runner=_recording_runner(one_sizes))
+    three = _run(shop, private, engine="batched", shards=3, shard_runner=_recording_runner(three_sizes))
+    reference = _run(shop, private, engine="reference", shards=2, shard_runner=_recording_runner(reference_sizes))
+    # the rounds really were split: 1, 3 and 2 shards covering the same clients
+    clients = [r.clients for r in one.reports]
+    assert [sum(s) for s in one_sizes] == [sum(s) for s in three_sizes] == [sum(s) for s in reference_sizes] == clients
+    assert all(len(s) == 1 for s in one_sizes)
+    assert all(len(s) == 3 and min(s) > 0 for s in three_sizes)
+    assert all(len(s) == 2 and min(s) > 0 for s in reference_sizes)
+    _assert_same_run(three, one)
+    _assert_same_run(reference, one)
+    # (noise per shard would have broken the equalities above.) The noise is there: a noiseless run is far off
+    if private:
+        quiet = DPFedAvg(0.5, 0.0, 5.0, 0.4 * 180.0, torch.Generator().manual_seed(1))
+        init = init_item_table(80, DIM, 0.1, seed=0)
+        noiseless = train_federated(shop, init, LOCAL, quiet, rounds=4, client_rate=0.4, server_lr=1.0, seed=2)
+        assert (noiseless.table.embeddings - one.table.embeddings).abs().max() > 100 * 1e-5
+    # more shards than clients: one client per shard
+    many_sizes = []
+    many = _run(shop, private, rounds=1, engine="batched", shards=10_000, shard_runner=_recording_runner(many_sizes))
+    assert all(size == 1 for size in many_sizes[0]) and len(many_sizes[0]) == many.reports[0].clients
+    _assert_same_run(many, _run(shop, private, rounds=1))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -185,7 +240,7 @@ def test_batched_updates_on_cuda():
     cpu_ref, _, _ = _both(_table(), clients, _vectors(len(clients), torch.float32), config)
     table = _table(device="cuda")
     batch, vectors = batched_client_updates(
-        table, clients, _vectors(len(clients), torch.float32, "cuda"), config, np.random.default_rng(5)
+        table, clients, _vectors(len(clients), torch.float32, "cuda"), config, _draws(clients, config)
     )
     assert batch.delta_embeddings.is_cuda and batch.rows.is_cuda and vectors[0].is_cuda
     for i, (update, vector) in enumerate(cpu_ref):
@@ -193,7 +248,7 @@ def test_batched_updates_on_cuda():
         assert torch.equal(mine.rows.cpu(), update.rows)
         torch.testing.assert_close(mine.delta_embeddings.cpu(), update.delta_embeddings, atol=1e-5, rtol=0)
         torch.testing.assert_close(vectors[i].cpu(), vector, atol=1e-5, rtol=0)
-    got = aggregate_batched(_dp(0.3, 1.0), batch, N_ITEMS, DIM, device="cuda")
+    got = _dp(0.3, 1.0).aggregate_batched(batch, N_ITEMS, DIM, device="cuda")
     expected = _dp(0.3, 1.0).aggregate([u for u, _ in cpu_ref], N_ITEMS, DIM)
     assert got.delta_embeddings.is_cuda
     torch.testing.assert_close(got.delta_embeddings.cpu(), expected.delta_embeddings, atol=1e-6, rtol=0)

@@ -3,9 +3,9 @@
 The documented loss of one SGD step on a batch B of positives, each with its k sampled negatives:
 ``(1/|B|) sum_{i in B} [-log s(p.q_i + b_i) - sum_j log(1 - s(p.q_j + b_j))]
 + l2/2 (|p|^2 + sum_{r used in the batch} |q_r|^2)`` (biases are not regularised).
-The reference below builds the same batches (same permutations and negatives, drawn from a
-generator with the same seed, in the same order as ``client_update`` draws them) and steps with
-autograd gradients.
+The reference below builds the same batches from the same draws (the client's mini-batch orders and
+negatives, :func:`fedml.federated.randomness.draw_round` or written by hand) and steps with autograd
+gradients.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedml.federated.client import ClientUpdate, LocalTraining, client_update, sample_negatives
+from fedml.federated.client import ClientUpdate, LocalTraining, client_update
+from fedml.federated.randomness import LocalDraws, draw_round
 from fedml.models.mf import ItemTable, fold_in, init_item_table
 
 N_ITEMS, DIM = 40, 6
@@ -37,12 +38,18 @@ def _user_vector(dtype: torch.dtype) -> torch.Tensor:
     return (torch.randn(DIM, generator=torch.Generator().manual_seed(5)) * 0.5).to(dtype)
 
 
-def _autograd_reference(table: ItemTable, positives: np.ndarray, p0: torch.Tensor, config: LocalTraining, seed: int):
+def _draws(config: LocalTraining, seed: int, positives: np.ndarray = POSITIVES, client: int = 0) -> LocalDraws:
+    """The client's draws for round 1 of a run with ``seed``."""
+    return draw_round(seed, 1, [client], [positives], N_ITEMS, config.epochs, config.negatives)[0]
+
+
+def _autograd_reference(
+    table: ItemTable, positives: np.ndarray, p0: torch.Tensor, config: LocalTraining, draws: LocalDraws
+):
     """The same SGD trajectory as client_update, with autograd gradients, in float64."""
-    rng = np.random.default_rng(seed)
     n = len(positives)
-    order = np.stack([rng.permutation(n) for _ in range(config.epochs)])
-    negatives = sample_negatives(positives, table.n_items, (config.epochs, n, config.negatives), rng)
+    order, negatives = draws.order, draws.negatives
+    assert order.shape == (config.epochs, n) and negatives.shape == (config.epochs, n, config.negatives)
     q = table.embeddings.detach().double().clone()
     b = table.bias.detach().double().clone()
     p = p0.detach().double().clone()
@@ -64,21 +71,42 @@ def _autograd_reference(table: ItemTable, positives: np.ndarray, p0: torch.Tenso
     return q, b, p, negatives, losses
 
 
+def _hand_made_draws() -> LocalDraws:
+    """Two epochs, 3 negatives: epoch 0 in reverse order, epoch 1 interleaved; the same negative
+    twice for one positive, shared by positives of one batch and of different batches and epochs,
+    and the catalogue's first and last items (duplicates add their gradients)."""
+    n = len(POSITIVES)
+    order = np.array([np.arange(n)[::-1], [1, 3, 5, 0, 2, 4, 6]], dtype=np.int64)
+    negatives = np.array(
+        [
+            [[0, 0, 1], [39, 2, 0], [4, 4, 4], [5, 6, 9], [10, 11, 12], [13, 14, 16], [2, 39, 1]],
+            [[0, 1, 2], [0, 1, 2], [17, 18, 19], [20, 23, 24], [25, 26, 27], [28, 29, 31], [32, 33, 34]],
+        ],
+        dtype=np.int64,
+    )
+    assert not np.isin(negatives, POSITIVES).any()
+    return LocalDraws(order=order, negatives=negatives)
+
+
 @pytest.mark.parametrize(
-    "dtype,atol,epochs,batch_size",
+    "dtype,atol,epochs,batch_size,hand_made",
     [
-        (torch.float64, 1e-10, 1, len(POSITIVES)),  # one SGD step on the whole history
-        (torch.float64, 1e-10, 3, 3),  # several epochs of uneven mini-batches (3, 3, 1)
-        (torch.float32, 1e-5, 2, 4),
+        (torch.float64, 1e-10, 1, len(POSITIVES), False),  # one SGD step on the whole history
+        (torch.float64, 1e-10, 3, 3, False),  # several epochs of uneven mini-batches (3, 3, 1)
+        (torch.float32, 1e-5, 2, 4, False),
+        (torch.float64, 1e-10, 2, 2, True),  # repeated and shared negatives, given orders
+        (torch.float32, 1e-5, 2, 3, True),
     ],
 )
-def test_hand_written_gradients_equal_autograd(dtype, atol, epochs, batch_size):
+def test_hand_written_gradients_equal_autograd(dtype, atol, epochs, batch_size, hand_made):
     table = _table(dtype)
     p0 = _user_vector(dtype)
     p0_copy = p0.clone()
     config = LocalTraining(epochs=epochs, lr=0.3, batch_size=batch_size, negatives=3, l2=0.05)
-    update, p_new = client_update(table, POSITIVES, p0, config, np.random.default_rng(11))
-    q_ref, b_ref, p_ref, negatives, losses = _autograd_reference(table, POSITIVES, p0, config, seed=11)
+    draws = _hand_made_draws() if hand_made else _draws(config, seed=11)
+    order_copy, negatives_copy = draws.order.copy(), draws.negatives.copy()
+    update, p_new = client_update(table, POSITIVES, p0, config, draws)
+    q_ref, b_ref, p_ref, negatives, losses = _autograd_reference(table, POSITIVES, p0, config, draws)
 
     rows = update.rows.numpy()
     np.testing.assert_array_equal(rows, np.unique(np.concatenate([POSITIVES, negatives.ravel()])))
@@ -94,22 +122,47 @@ def test_hand_written_gradients_equal_autograd(dtype, atol, epochs, batch_size):
     # reported loss: the mean data loss of the steps, before each step
     assert update.loss == pytest.approx(float(np.mean(losses)), abs=max(atol, 1e-12) * 10)
     assert update.num_examples == len(POSITIVES)
-    # the caller's vector is not modified in place; the returned one trained
+    # the caller's vector and draws are not modified in place; the returned vector trained
     assert torch.equal(p0, p0_copy)
+    assert np.array_equal(draws.order, order_copy) and np.array_equal(draws.negatives, negatives_copy)
     assert not torch.allclose(p_new, p0)
+
+
+def test_the_update_is_a_function_of_the_draws():
+    """No hidden randomness: the same draws give the same update; other draws another one."""
+    table = _table(torch.float64)
+    config = LocalTraining(epochs=2, lr=0.3, batch_size=3, negatives=3, l2=0.05)
+    first = client_update(table, POSITIVES, _user_vector(torch.float64), config, _draws(config, seed=4))
+    again = client_update(table, POSITIVES, _user_vector(torch.float64), config, _draws(config, seed=4))
+    assert torch.equal(first[0].rows, again[0].rows)
+    assert torch.equal(first[0].delta_embeddings, again[0].delta_embeddings) and torch.equal(first[1], again[1])
+    assert first[0].loss == again[0].loss
+    # the same negatives in another order: same rows, another trajectory
+    draws = _draws(config, seed=4)
+    reordered = LocalDraws(order=draws.order[::-1].copy(), negatives=draws.negatives)
+    other_order = client_update(table, POSITIVES, _user_vector(torch.float64), config, reordered)
+    assert torch.equal(other_order[0].rows, first[0].rows)
+    assert not torch.allclose(other_order[0].delta_embeddings, first[0].delta_embeddings)
+    # another round's draws: other negatives, another update
+    other = draw_round(4, 2, [0], [POSITIVES], N_ITEMS, config.epochs, config.negatives)[0]
+    assert not np.array_equal(other.negatives, draws.negatives)
+    other_round = client_update(table, POSITIVES, _user_vector(torch.float64), config, other)
+    assert not torch.allclose(_dense(other_round[0]), _dense(first[0]))
+
+
+def _dense(update: ClientUpdate) -> torch.Tensor:
+    return torch.zeros(N_ITEMS, DIM, dtype=torch.float64).index_add_(0, update.rows, update.delta_embeddings.double())
 
 
 def test_upload_has_touched_rows_only_and_no_user_vector():
     table = _table(torch.float32)
     config = LocalTraining(epochs=2, lr=0.2, batch_size=4, negatives=2, l2=1e-3)
     p0 = _user_vector(torch.float32)
-    update, p_new = client_update(table, POSITIVES, p0, config, np.random.default_rng(3))
+    draws = _draws(config, seed=3)
+    update, p_new = client_update(table, POSITIVES, p0, config, draws)
 
-    # the same draws as the client made: touched = positives + sampled negatives, nothing else
-    rng = np.random.default_rng(3)
-    for _ in range(config.epochs):
-        rng.permutation(len(POSITIVES))
-    negatives = sample_negatives(POSITIVES, N_ITEMS, (config.epochs, len(POSITIVES), config.negatives), rng)
+    # touched = positives + the client's negatives, nothing else
+    negatives = draws.negatives
     assert not np.isin(negatives, POSITIVES).any()
     touched = np.unique(np.concatenate([POSITIVES, negatives.ravel()]))
     np.testing.assert_array_equal(update.rows.numpy(), touched)
@@ -142,34 +195,45 @@ def test_first_time_client_starts_from_fold_in():
     table = _table(torch.float32)
     config = LocalTraining(epochs=1, lr=0.2, batch_size=4, negatives=2, l2=1e-3, fold_in_l2=0.5)
     start = fold_in(table, [POSITIVES], negatives=config.negatives, l2=config.fold_in_l2)[0]
-    fresh, p_fresh = client_update(table, POSITIVES, None, config, np.random.default_rng(9))
-    given, p_given = client_update(table, POSITIVES, start, config, np.random.default_rng(9))
+    fresh, p_fresh = client_update(table, POSITIVES, None, config, _draws(config, seed=9))
+    given, p_given = client_update(table, POSITIVES, start, config, _draws(config, seed=9))
     torch.testing.assert_close(p_fresh, p_given)
     torch.testing.assert_close(fresh.delta_embeddings, given.delta_embeddings)
     assert not torch.allclose(p_fresh, start)
 
 
-def test_sample_negatives_excludes_positives():
-    rng = np.random.default_rng(0)
-    negatives = sample_negatives(POSITIVES, N_ITEMS, (4, len(POSITIVES), 5), rng)
+def test_the_clients_negatives_are_its_complement():
+    """What the client trains against (draw_round, tested in depth in test_randomness): never one of
+    its positives, and every other item of the catalogue can be drawn."""
+    config = LocalTraining(epochs=4, lr=0.1, batch_size=4, negatives=5, l2=0.0)
+    negatives = _draws(config, seed=0).negatives
     assert negatives.shape == (4, len(POSITIVES), 5)
     assert negatives.min() >= 0 and negatives.max() < N_ITEMS
     assert not np.isin(negatives, POSITIVES).any()
-    # every non-positive item can be drawn
-    many = sample_negatives(POSITIVES, N_ITEMS, (20_000,), rng)
-    assert set(many.tolist()) == set(range(N_ITEMS)) - set(POSITIVES.tolist())
+    # over many rounds (3,000 x 7 x 4 x 5 draws) every non-positive item is drawn
+    seen = np.concatenate(
+        [draw_round(0, r, [0], [POSITIVES], N_ITEMS, 4, 5)[0].negatives.ravel() for r in range(1, 31)]
+    )
+    assert set(seen.tolist()) == set(range(N_ITEMS)) - set(POSITIVES.tolist())
 
 
-def test_sample_negatives_for_a_shopper_with_most_of_the_catalogue():
-    # 45 of 50 items are positives: 20 re-draws leave ~0.9^21 = 11% hits, which must not survive
-    n_items, positives = 50, np.arange(45, dtype=np.int64)
-    negatives = sample_negatives(positives[::-1].copy(), n_items, (5000,), np.random.default_rng(1))
-    assert not np.isin(negatives, positives).any()
-    # still uniform over the five items left: each ~ Binomial(5000, 1/5), sd ~ 28
-    counts = np.bincount(negatives, minlength=n_items)[45:]
-    assert np.all(np.abs(counts - 1000) < 6 * 28.3)
+def test_a_shopper_with_every_item_still_trains():
+    """Nothing left to sample from: negatives are uniform over the whole catalogue (they include
+    positives), and the update is well defined."""
+    everything = np.arange(N_ITEMS, dtype=np.int64)
+    config = LocalTraining(epochs=1, lr=0.2, batch_size=16, negatives=2, l2=1e-3)
+    draws = _draws(config, seed=1, positives=everything)
+    update, p_new = client_update(_table(torch.float32), everything, _user_vector(torch.float32), config, draws)
+    np.testing.assert_array_equal(update.rows.numpy(), everything)
+    assert torch.isfinite(update.delta_embeddings).all() and torch.isfinite(p_new).all()
 
 
-def test_sample_negatives_without_positives():
-    negatives = sample_negatives(np.array([], dtype=np.int64), 10, (3, 2), np.random.default_rng(0))
-    assert negatives.shape == (3, 2) and negatives.min() >= 0 and negatives.max() < 10
+def test_a_client_without_positives_uploads_nothing():
+    empty = np.array([], dtype=np.int64)
+    config = LocalTraining(epochs=2, lr=0.2, batch_size=4, negatives=2, l2=1e-3)
+    draws = _draws(config, seed=0, positives=empty)
+    p0 = _user_vector(torch.float32)
+    update, p_new = client_update(_table(torch.float32), empty, p0, config, draws)
+    assert update.rows.numel() == 0 and update.num_examples == 0 and update.loss == 0.0
+    assert update.delta_embeddings.shape == (0, DIM) and update.norm() == 0.0
+    torch.testing.assert_close(p_new, p0, atol=0, rtol=0)

@@ -18,7 +18,7 @@ from fedml.config import RunConfig, apply_override
 from fedml.data.interactions import UserItems
 from fedml.evaluation.ranking import evaluate_ranking, popularity_scorer
 from fedml.federated import rounds as rounds_module
-from fedml.federated.aggregation import DPFedAvg, FedAvg, RoundAggregate
+from fedml.federated.aggregation import DPFedAvg, FedAvg, PartialSum, RoundAggregate
 from fedml.federated.client import ClientUpdate, LocalTraining
 from fedml.federated.rounds import DeviceStore, RoundReport, train_federated
 from fedml.federated.sampling import poisson_sample
@@ -52,15 +52,26 @@ def shop() -> tuple[UserItems, np.ndarray]:
 
 
 class Recording:
-    """Wraps an aggregator and keeps what it was given, round by round."""
+    """Wraps an aggregator and keeps what it was given: the uploads of every shard it accumulated
+    (a batched shard's as the clients' :class:`ClientUpdate` views), and every round it finished."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.calls: list[tuple[list, tuple, dict]] = []
+        self.finished: list[RoundAggregate] = []
 
-    def aggregate(self, updates, *args, **kwargs) -> RoundAggregate:
+    def accumulate(self, updates, *args, **kwargs) -> PartialSum:
         self.calls.append((list(updates), args, kwargs))
-        return self.inner.aggregate(updates, *args, **kwargs)
+        return self.inner.accumulate(updates, *args, **kwargs)
+
+    def accumulate_batched(self, batch, *args, **kwargs) -> PartialSum:
+        self.calls.append((batch.clients(), args, kwargs))
+        return self.inner.accumulate_batched(batch, *args, **kwargs)
+
+    def finish(self, partials, *args, **kwargs) -> RoundAggregate:
+        aggregate = self.inner.finish(partials, *args, **kwargs)
+        self.finished.append(aggregate)
+        return aggregate
 
 
 def _dp_aggregator(data: UserItems, q: float, sigma: float, clip: float = 0.5, cap: float = 5.0, seed: int = 1) -> DPFedAvg:
@@ -111,9 +122,10 @@ def test_poisson_sampling_rate():
     assert len(poisson_sample(n, 1.0, rng)) == n
 
 
-@pytest.fixture(scope="module")
-def dp_run(shop):
-    """5 rounds of DP-FedAvg (sigma 1, q 0.3) with an accountant, recording aggregator and device store."""
+@pytest.fixture(scope="module", params=["batched", "reference"])
+def dp_run(shop, request):
+    """5 rounds of DP-FedAvg (sigma 1, q 0.3) with an accountant, recording aggregator and device
+    store, by each engine (one shard)."""
     data, _ = shop
     sigma, q = 1.0, 0.3
     stored: list[tuple[int, torch.Tensor]] = []
@@ -138,6 +150,7 @@ def dp_run(shop):
         run = train_federated(
             data, init_item_table(N_ITEMS, DIM, 0.1, seed=0), LOCAL, aggregator, rounds=5, client_rate=q,
             server_lr=1.0, seed=3, accountant=accountant, delta=DELTA, on_round=reports.append,
+            engine=request.param,
         )  # fmt: skip
     finally:
         mp.undo()
@@ -168,13 +181,14 @@ def test_rounds_sample_about_q_of_the_shoppers(dp_run):
     expected = dp_run["q"] * N_USERS  # 90 per round, sd ~ 8
     assert abs(clients.mean() - expected) < 5 * np.sqrt(expected * (1 - dp_run["q"]) / len(clients))
     assert len(set(clients.tolist())) > 1  # Poisson, not fixed-size
-    calls = dp_run["aggregator"].calls
+    calls = dp_run["aggregator"].calls  # one shard per round
     assert [len(updates) for updates, _, _ in calls] == clients.tolist()
+    assert [a.num_clients for a in dp_run["aggregator"].finished] == clients.tolist()
 
 
 def test_user_vectors_stay_on_the_device(dp_run):
     calls, stored, read = dp_run["aggregator"].calls, dp_run["stored"], dp_run["read"]
-    assert len(calls) == 5
+    assert len(calls) == len(dp_run["aggregator"].finished) == 5
     assert len(stored) == sum(len(updates) for updates, _, _ in calls)  # one vector per client update
     # a returning client starts from its own stored vector; a new one from nothing (fold-in)
     last: dict[int, torch.Tensor] = {}
@@ -192,7 +206,7 @@ def test_user_vectors_stay_on_the_device(dp_run):
     fields = {f.name for f in dataclasses.fields(ClientUpdate)}
     assert fields == {"rows", "delta_embeddings", "delta_bias", "num_examples", "loss"}
     for updates, args, kwargs in calls:
-        given = inspect.signature(DPFedAvg.aggregate).bind(None, updates, *args, **kwargs).arguments
+        given = inspect.signature(DPFedAvg.accumulate).bind(None, updates, *args, **kwargs).arguments
         assert (given["n_items"], given["dim"], given.get("device", "cpu")) == (N_ITEMS, DIM, "cpu")
         for update in updates:
             assert type(update) is ClientUpdate

@@ -54,40 +54,65 @@ class _Accumulator:
         self.bias.index_add_(0, rows, bias.double() * scale)
 
 
+@dataclass
+class PartialSum:
+    """The weighted delta sum of some of a round's clients (a shard), before the server finishes it."""
+
+    embeddings: torch.Tensor  # float64 [n_items, dim]
+    bias: torch.Tensor  # float64 [n_items]
+    num_examples: np.ndarray  # int64 [clients]
+    norms: np.ndarray  # float64 [clients]
+    clipped: int
+
+    def to(self, device: str | torch.device) -> PartialSum:
+        return PartialSum(self.embeddings.to(device), self.bias.to(device), self.num_examples, self.norms, self.clipped)
+
+
 class _WeightedDeltaSum:
     """sum_k scale_k * delta_k, the scales a function of (n_k, |delta_k|); subclasses say which.
 
-    ``aggregate`` takes the clients' updates one by one; ``aggregate_batched`` takes a whole round's
-    row-concatenated uploads (:class:`fedml.federated.batched.BatchedUpdate`) in one ``index_add``.
+    A round is aggregated in two steps so that its clients can be split into shards: each shard
+    ``accumulate``s its clients' scaled deltas into a float64 :class:`PartialSum`, and the server
+    ``finish``es the sum of the partial sums (normalisation, noise). ``aggregate`` takes the clients'
+    updates one by one, ``aggregate_batched`` a whole round's row-concatenated uploads
+    (:class:`fedml.federated.batched.BatchedUpdate`) in one ``index_add``.
     """
 
     def _scales(self, num_examples: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, int]:
         """Per-client scales, and how many clients were clipped."""
         raise NotImplementedError
 
-    def _finish(self, acc: _Accumulator, device: str) -> None:
-        """Whatever happens to the sum after the clients are in (noise, denominator)."""
+    def _finish(self, acc: _Accumulator, num_examples: np.ndarray, device: str) -> None:
+        """Whatever happens to the round's sum after all clients are in (normalisation, noise)."""
 
-    def aggregate(self, updates: list[ClientUpdate], n_items: int, dim: int, device: str = "cpu") -> RoundAggregate:
+    def accumulate(self, updates: list[ClientUpdate], n_items: int, dim: int, device: str = "cpu") -> PartialSum:
         norms = np.array([u.norm() for u in updates], dtype=np.float64)
         num_examples = np.array([u.num_examples for u in updates], dtype=np.int64)
         scales, clipped = self._scales(num_examples, norms)
         acc = _Accumulator(n_items, dim, device)
         for update, scale in zip(updates, scales.tolist()):
             acc.add(update, scale)
-        return self._result(acc, num_examples, norms, clipped, device)
+        return PartialSum(acc.embeddings, acc.bias, num_examples, norms, clipped)
 
-    def aggregate_batched(self, batch, n_items: int, dim: int, device: str = "cpu") -> RoundAggregate:
+    def accumulate_batched(self, batch, n_items: int, dim: int, device: str = "cpu") -> PartialSum:
         norms = batch.norms().cpu().numpy()
         num_examples = np.asarray(batch.num_examples, dtype=np.int64)
         scales, clipped = self._scales(num_examples, norms)
         acc = _Accumulator(n_items, dim, device)
         per_row = torch.as_tensor(scales, dtype=torch.float64, device=batch.owner.device)[batch.owner]
         acc.add_rows(batch.rows, batch.delta_embeddings, batch.delta_bias, per_row)
-        return self._result(acc, num_examples, norms, clipped, device)
+        return PartialSum(acc.embeddings, acc.bias, num_examples, norms, clipped)
 
-    def _result(self, acc: _Accumulator, num_examples: np.ndarray, norms: np.ndarray, clipped: int, device: str) -> RoundAggregate:
-        self._finish(acc, device)
+    def finish(self, partials: list[PartialSum], n_items: int, dim: int, device: str = "cpu") -> RoundAggregate:
+        """Sum the shards' partial sums (in the given order) and finish the round's aggregate."""
+        acc = _Accumulator(n_items, dim, device)
+        for part in partials:
+            acc.embeddings += part.embeddings.to(device)
+            acc.bias += part.bias.to(device)
+        num_examples = np.concatenate([p.num_examples for p in partials] or [np.zeros(0, np.int64)])
+        norms = np.concatenate([p.norms for p in partials] or [np.zeros(0)])
+        clipped = sum(p.clipped for p in partials)
+        self._finish(acc, num_examples, device)
         n = len(num_examples)
         return RoundAggregate(
             acc.embeddings,
@@ -98,13 +123,24 @@ class _WeightedDeltaSum:
             clipped_fraction=clipped / n if n else 0.0,
         )
 
+    def aggregate(self, updates: list[ClientUpdate], n_items: int, dim: int, device: str = "cpu") -> RoundAggregate:
+        return self.finish([self.accumulate(updates, n_items, dim, device)], n_items, dim, device)
+
+    def aggregate_batched(self, batch, n_items: int, dim: int, device: str = "cpu") -> RoundAggregate:
+        return self.finish([self.accumulate_batched(batch, n_items, dim, device)], n_items, dim, device)
+
 
 class FedAvg(_WeightedDeltaSum):
     """Plain FedAvg over deltas: sum_k n_k * delta_k / sum_k n_k."""
 
     def _scales(self, num_examples: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, int]:
+        return num_examples.astype(np.float64), 0
+
+    def _finish(self, acc: _Accumulator, num_examples: np.ndarray, device: str) -> None:
         total = int(num_examples.sum())
-        return (num_examples / total if total else np.zeros(len(num_examples))), 0
+        if total:
+            acc.embeddings /= total
+            acc.bias /= total
 
 
 @dataclass
@@ -129,7 +165,7 @@ class DPFedAvg(_WeightedDeltaSum):
             factors = np.where(norms > 0, np.minimum(1.0, self.clip_norm / norms), 1.0)
         return self.client_weight(num_examples) * factors, int((factors < 1.0).sum())
 
-    def _finish(self, acc: _Accumulator, device: str) -> None:
+    def _finish(self, acc: _Accumulator, num_examples: np.ndarray, device: str) -> None:
         std = self.noise_multiplier * self.clip_norm
         if std > 0:
             acc.embeddings += _gaussian(acc.embeddings.shape, std, self.generator, device)

@@ -1,8 +1,7 @@
 """All clients of a round trained together as one batched computation (the simulation's fast path).
 
 It computes what :func:`fedml.federated.client.client_update` computes for each client, one at a
-time, and consumes the same random draws in the same order: for every client, in round order, the
-epochs' permutations of its positives and then its negatives, from the round's generator. Only the
+time, from the same random draws (:func:`fedml.federated.randomness.draw_round`). Only the
 arithmetic is batched:
 
 * every client gets a private copy of the item rows it touches; the copies of all clients sit in one
@@ -14,8 +13,8 @@ arithmetic is batched:
   batch's positives, then its negatives);
 * update norms, losses and clipping factors are segment sums over the clients' rows.
 
-First-time clients are folded in together (:func:`fedml.models.mf.fold_in` of all their histories);
-fold-in draws nothing from the generator. Results agree with the one-client-at-a-time reference to
+First-time clients are folded in together (:func:`fedml.models.mf.fold_in` of all their histories).
+Results agree with the one-client-at-a-time reference to
 float rounding (matrix products summed in another order), not bit for bit.
 
 The reference path stays the definition (and what a real device runs); this module is for
@@ -24,18 +23,14 @@ simulating many clients per round.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fedml.data.interactions import UserItems
-from fedml.federated.aggregation import RoundAggregate
-from fedml.federated.client import ClientUpdate, LocalTraining, sample_negatives
-from fedml.federated.rounds import Accountant, Aggregator, DeviceStore, FederatedRun, RoundReport
-from fedml.federated.sampling import poisson_sample
+from fedml.federated.client import ClientUpdate, LocalTraining
+from fedml.federated.randomness import LocalDraws
 from fedml.models.mf import ItemTable, fold_in
 
 
@@ -96,26 +91,22 @@ def batched_client_updates(
     clients: Sequence[np.ndarray],
     user_vectors: Sequence[torch.Tensor | None],
     config: LocalTraining,
-    rng: np.random.Generator,
+    draws: Sequence[LocalDraws],
 ) -> tuple[BatchedUpdate, list[torch.Tensor]]:
     """Local training of all ``clients`` (their positives, in round order) at once.
 
-    Equivalent to ``[client_update(table, clients[i], user_vectors[i], config, rng) for i ...]``
-    run in order with the same ``rng``: it leaves ``rng`` in the same state and returns the same
-    uploads (as one :class:`BatchedUpdate`) and the same new user vectors. Tensors live on the item
-    table's device.
+    Equivalent to ``[client_update(table, clients[i], user_vectors[i], config, draws[i]) for i ...]``:
+    it returns the same uploads (as one :class:`BatchedUpdate`) and the same new user vectors, up
+    to float rounding. Tensors live on the item table's device.
     """
-    if len(clients) != len(user_vectors):
-        raise ValueError(f"{len(clients)} clients but {len(user_vectors)} user vectors")
+    if not len(clients) == len(user_vectors) == len(draws):
+        raise ValueError(f"{len(clients)} clients, {len(user_vectors)} user vectors and {len(draws)} draws")
     device, dtype = table.embeddings.device, table.embeddings.dtype
     positives = [np.asarray(p, dtype=np.int64) for p in clients]
     vectors = _initial_vectors(table, positives, user_vectors, config)
 
-    # The reference's draws, client by client, in its order.
-    orders, negatives = [], []
-    for pos in positives:
-        orders.append(np.stack([rng.permutation(len(pos)) for _ in range(config.epochs)]))
-        negatives.append(sample_negatives(pos, table.n_items, (config.epochs, len(pos), config.negatives), rng))
+    orders = [d.order for d in draws]
+    negatives = [d.negatives for d in draws]
 
     plan = _plan(positives, orders, negatives, table.n_items, config, device)
     n_clients = len(positives)
@@ -300,72 +291,3 @@ def _batched_sgd_step(
     q.index_copy_(0, step.rows, q_step - config.lr * grad_q)
     b.index_copy_(0, step.rows, b_step - config.lr * grad_b)
     p.index_copy_(0, step.active, p_active - config.lr * grad_p)
-
-
-def aggregate_batched(
-    aggregator: Aggregator, update: BatchedUpdate, n_items: int, dim: int, device: str = "cpu"
-) -> RoundAggregate:
-    """The aggregator's result for the round's uploads.
-
-    Uses ``aggregator.aggregate_batched`` where the aggregator has one, else hands it the clients'
-    :class:`ClientUpdate` views (which are what the reference uploads).
-    """
-    batched = getattr(aggregator, "aggregate_batched", None)
-    if batched is not None:
-        return batched(update, n_items, dim, device)
-    return aggregator.aggregate(update.clients(), n_items, dim, device)
-
-
-def train_federated_batched(
-    data: UserItems,
-    init: ItemTable,
-    local: LocalTraining,
-    aggregator: Aggregator,
-    *,
-    rounds: int,
-    client_rate: float,
-    server_lr: float,
-    seed: int,
-    accountant: Accountant | None = None,
-    delta: float = 1e-5,
-    device: str = "cpu",
-    on_round: Callable[[RoundReport], None] | None = None,
-) -> FederatedRun:
-    """:func:`fedml.federated.rounds.train_federated` with each round's clients trained together.
-
-    Same arguments, same draws, same result up to float rounding.
-    """
-    rng = np.random.default_rng(seed)
-    table = init.to(device).clone()
-    devices = DeviceStore()
-    reports: list[RoundReport] = []
-    counts = data.counts()
-    for round_index in range(1, rounds + 1):
-        started = time.perf_counter()
-        sampled = [int(c) for c in poisson_sample(data.n_users, client_rate, rng) if counts[c] > 0]
-        update, vectors = batched_client_updates(
-            table, [data.of(c) for c in sampled], [devices.get(c) for c in sampled], local, rng
-        )
-        for client, vector in zip(sampled, vectors):
-            devices.put(client, vector)
-        aggregate = aggregate_batched(aggregator, update, table.n_items, table.dim, device)
-        table.embeddings += server_lr * aggregate.delta_embeddings.to(table.embeddings.dtype)
-        table.bias += server_lr * aggregate.delta_bias.to(table.bias.dtype)
-        epsilon = None
-        if accountant is not None:
-            accountant.step()
-            epsilon = accountant.epsilon(delta)
-        report = RoundReport(
-            round=round_index,
-            clients=aggregate.num_clients,
-            examples=aggregate.num_examples,
-            loss=float(np.mean(update.losses)) if len(update) else float("nan"),
-            update_norm=aggregate.mean_update_norm,
-            clipped_fraction=aggregate.clipped_fraction,
-            epsilon=epsilon,
-            seconds=time.perf_counter() - started,
-        )
-        reports.append(report)
-        if on_round is not None:
-            on_round(report)
-    return FederatedRun(table=table.to("cpu"), reports=reports)

@@ -1,7 +1,8 @@
 """One client's local training: the code a shopper's device runs in a round.
 
 The device receives the global item table, trains its private user vector and the item rows it
-touches for a few local epochs on its own positives (logistic loss, uniformly sampled negatives),
+touches for a few local epochs on its own positives (logistic loss, negatives sampled uniformly
+from the items it has not interacted with),
 and uploads only the change of those item rows. The user vector stays on the device.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedml.federated.randomness import LocalDraws
 from fedml.models.mf import ItemTable, fold_in
 
 
@@ -43,43 +45,21 @@ class ClientUpdate:
         return float(torch.sqrt(self.delta_embeddings.double().pow(2).sum() + self.delta_bias.double().pow(2).sum()))
 
 
-def sample_negatives(positives: np.ndarray, n_items: int, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Uniform negatives from the catalogue, re-drawn where they hit one of the client's positives."""
-    negatives = rng.integers(0, n_items, size=shape)
-    sorted_pos = np.unique(positives)
-    if len(sorted_pos) == 0 or len(sorted_pos) >= n_items:
-        return negatives
-    for _ in range(20):
-        hit = _is_member(negatives, sorted_pos)
-        if not hit.any():
-            return negatives
-        negatives[hit] = rng.integers(0, n_items, size=int(hit.sum()))
-    hit = _is_member(negatives, sorted_pos)
-    if hit.any():  # a shopper with most of the catalogue: draw what is left from the complement
-        negatives[hit] = rng.choice(np.setdiff1d(np.arange(n_items), sorted_pos), size=int(hit.sum()))
-    return negatives
-
-
-def _is_member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    pos = np.searchsorted(sorted_set, values)
-    pos = np.minimum(pos, len(sorted_set) - 1)
-    return sorted_set[pos] == values
-
-
 def client_update(
     table: ItemTable,
     positives: np.ndarray,
     user_vector: torch.Tensor | None,
     config: LocalTraining,
-    rng: np.random.Generator,
+    draws: LocalDraws,
 ) -> tuple[ClientUpdate, torch.Tensor]:
     """Run local training for one client; returns its upload and its new (private) user vector.
 
-    ``positives`` are the client's item indices. A client seen for the first time starts from the
-    fold-in of its history under the current global items. Gradients are written out by hand (the
-    model is two embedding lookups and a dot product), which keeps one client update cheap.
+    ``positives`` are the client's sorted item indices; ``draws`` its mini-batch orders and
+    negatives for this round (:func:`fedml.federated.randomness.draw_round`). A client seen for the
+    first time starts from the fold-in of its history under the current global items. Gradients are
+    written out by hand (the model is two embedding lookups and a dot product), which keeps one
+    client update cheap.
     """
-    n_items = table.n_items
     positives = np.asarray(positives, dtype=np.int64)
     if user_vector is None:
         user_vector = fold_in(
@@ -87,8 +67,7 @@ def client_update(
         )[0]
     p = user_vector.clone().to(table.embeddings.dtype)
 
-    order = np.stack([rng.permutation(len(positives)) for _ in range(config.epochs)])
-    negatives = sample_negatives(positives, n_items, (config.epochs, len(positives), config.negatives), rng)
+    order, negatives = draws.order, draws.negatives
     rows, local = np.unique(np.concatenate([positives, negatives.ravel()]), return_inverse=True)
     local_pos = local[: len(positives)]
     local_neg = local[len(positives) :].reshape(negatives.shape)

@@ -1,25 +1,43 @@
-"""The federated round loop: sample clients, train them locally, aggregate, update, account."""
+"""The federated round loop: sample clients, train them locally, aggregate, update, account.
+
+A round's clients can be trained by two engines that compute the same thing:
+
+* ``reference``: one client at a time, :func:`fedml.federated.client.client_update` (what a
+  device runs);
+* ``batched``: all clients of a shard as one computation (:mod:`fedml.federated.batched`).
+
+The round's clients can also be split into shards run by a ``shard_runner`` (for example Prefect
+tasks on a Dask cluster, see ``flows/``): each shard returns the float64 partial sum of its
+clients' scaled deltas and the server finishes the sum (normalisation, DP noise). Local training's
+random draws depend only on (seed, round, client), so sharding does not change the result beyond
+float64 summation order.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
 from fedml.data.interactions import UserItems
-from fedml.federated.aggregation import RoundAggregate
-from fedml.federated.client import ClientUpdate, LocalTraining, client_update
+from fedml.federated.aggregation import PartialSum, RoundAggregate
+from fedml.federated.client import LocalTraining, client_update
+from fedml.federated.randomness import LocalDraws, draw_round
 from fedml.federated.sampling import poisson_sample
 from fedml.models.mf import ItemTable
 from fedml.threads import single_thread
 
+Engine = Literal["reference", "batched"]
+
 
 class Aggregator(Protocol):
-    def aggregate(self, updates: list[ClientUpdate], n_items: int, dim: int, device: str = "cpu") -> RoundAggregate: ...
+    def accumulate(self, updates: list, n_items: int, dim: int, device: str = "cpu") -> PartialSum: ...
+    def accumulate_batched(self, batch, n_items: int, dim: int, device: str = "cpu") -> PartialSum: ...
+    def finish(self, partials: list[PartialSum], n_items: int, dim: int, device: str = "cpu") -> RoundAggregate: ...
 
 
 class Accountant(Protocol):
@@ -65,6 +83,54 @@ class DeviceStore:
 
 
 @dataclass
+class Shard:
+    """The work of some of a round's clients: everything a worker needs, nothing more."""
+
+    table: ItemTable
+    positives: list[np.ndarray]
+    vectors: list[torch.Tensor | None]
+    draws: list[LocalDraws]
+    local: LocalTraining
+    aggregator: Aggregator
+    engine: Engine
+    device: str = "cpu"
+
+
+@dataclass
+class ShardResult:
+    partial: PartialSum
+    losses: np.ndarray  # float64 [clients]: each client's mean local loss
+    vectors: list[torch.Tensor]  # the clients' new user vectors (they go back to the devices)
+
+
+def run_shard(shard: Shard) -> ShardResult:
+    """Train a shard's clients and accumulate their scaled deltas (runs on a worker)."""
+    table, n_items, dim = shard.table.to(shard.device), shard.table.n_items, shard.table.dim
+    if shard.engine == "batched":
+        from fedml.federated.batched import batched_client_updates  # noqa: PLC0415 (batched imports this module)
+
+        batch, vectors = batched_client_updates(table, shard.positives, shard.vectors, shard.local, shard.draws)
+        partial = shard.aggregator.accumulate_batched(batch, n_items, dim, shard.device)
+        return ShardResult(partial, np.asarray(batch.losses, dtype=np.float64), vectors)
+    updates, vectors = [], []
+    with single_thread():
+        for positives, vector, draws in zip(shard.positives, shard.vectors, shard.draws):
+            update, new_vector = client_update(table, positives, vector, shard.local, draws)
+            updates.append(update)
+            vectors.append(new_vector)
+    partial = shard.aggregator.accumulate(updates, n_items, dim, shard.device)
+    return ShardResult(partial, np.array([u.loss for u in updates], dtype=np.float64), vectors)
+
+
+#: runs ``run_shard`` over shards, returning results in the shards' order
+ShardRunner = Callable[[Sequence[Shard]], list[ShardResult]]
+
+
+def run_in_process(shards: Sequence[Shard]) -> list[ShardResult]:
+    return [run_shard(shard) for shard in shards]
+
+
+@dataclass
 class FederatedRun:
     table: ItemTable
     reports: list[RoundReport]
@@ -83,14 +149,19 @@ def train_federated(
     accountant: Accountant | None = None,
     delta: float = 1e-5,
     device: str = "cpu",
+    engine: Engine = "batched",
+    shards: int = 1,
+    shard_runner: ShardRunner = run_in_process,
     on_round: Callable[[RoundReport], None] | None = None,
 ) -> FederatedRun:
-    """Run ``rounds`` rounds of federated training, one client at a time (the reference path).
+    """Run ``rounds`` rounds of federated training.
 
-    Every round Poisson-samples clients with rate ``client_rate``, runs :func:`client_update` for
-    each on its own positives, aggregates with ``aggregator`` and moves the global item table by
-    ``server_lr`` times the aggregate. The accountant, when given, advances once per round and its
-    epsilon at ``delta`` is reported with the round.
+    Every round Poisson-samples clients with rate ``client_rate``, trains each on its own positives
+    (``engine``; split into ``shards`` run by ``shard_runner``), aggregates with ``aggregator`` and
+    moves the global item table by ``server_lr`` times the aggregate. The accountant, when given,
+    advances once per round and its epsilon at ``delta`` is reported with the round. ``data`` may
+    also be a lazily generated population with ``round_data(clients)`` (see
+    :mod:`fedml.data.population`): then only the round's clients are materialised.
     """
     rng = np.random.default_rng(seed)
     table = init.to(device).clone()
@@ -100,24 +171,32 @@ def train_federated(
     for round_index in range(1, rounds + 1):
         started = time.perf_counter()
         sampled = [int(c) for c in poisson_sample(data.n_users, client_rate, rng) if counts[c] > 0]
-        updates: list[ClientUpdate] = []
-        with single_thread():
-            for client in sampled:
-                update, vector = client_update(table, data.of(client), devices.get(client), local, rng)
-                devices.put(client, vector)
-                updates.append(update)
-        aggregate = aggregator.aggregate(updates, table.n_items, table.dim, device)
+        positives = _round_positives(data, sampled)
+        draws = draw_round(seed, round_index, sampled, positives, table.n_items, local.epochs, local.negatives)
+        vectors = [devices.get(c) for c in sampled]
+        results = shard_runner(
+            [
+                Shard(table, [positives[i] for i in part], [vectors[i] for i in part], [draws[i] for i in part],
+                      local, aggregator, engine, device)  # fmt: skip
+                for part in np.array_split(np.arange(len(sampled)), max(1, min(shards, len(sampled))))
+            ]
+        )
+        new_vectors = [v for result in results for v in result.vectors]
+        for client, vector in zip(sampled, new_vectors):
+            devices.put(client, vector)
+        aggregate = aggregator.finish([r.partial for r in results], table.n_items, table.dim, device)
         table.embeddings += server_lr * aggregate.delta_embeddings.to(table.embeddings.dtype)
         table.bias += server_lr * aggregate.delta_bias.to(table.bias.dtype)
         epsilon = None
         if accountant is not None:
             accountant.step()
             epsilon = accountant.epsilon(delta)
+        losses = np.concatenate([r.losses for r in results]) if results else np.zeros(0)
         report = RoundReport(
             round=round_index,
             clients=aggregate.num_clients,
             examples=aggregate.num_examples,
-            loss=float(np.mean([u.loss for u in updates])) if updates else float("nan"),
+            loss=float(losses.mean()) if len(losses) else float("nan"),
             update_norm=aggregate.mean_update_norm,
             clipped_fraction=aggregate.clipped_fraction,
             epsilon=epsilon,
@@ -127,3 +206,9 @@ def train_federated(
         if on_round is not None:
             on_round(report)
     return FederatedRun(table=table.to("cpu"), reports=reports)
+
+
+def _round_positives(data: UserItems, clients: list[int]) -> list[np.ndarray]:
+    round_data = getattr(data, "round_data", None)
+    source = round_data(np.asarray(clients, dtype=np.int64)) if round_data is not None and clients else data
+    return [source.of(c) for c in clients]
