@@ -54,6 +54,10 @@ class FederatedConfig:
     local_batch_size: int = 32
     negatives: int = 4
     server_lr: float = 500.0
+    engine: Literal["reference", "batched"] = "batched"  # one client at a time, or a round's clients batched
+    shards: int = 1  # split each round's clients into this many shards (Prefect tasks)
+    task_runner: Literal["inline", "dask"] = "inline"  # dask: shards run on a Dask cluster
+    dask_address: str = ""  # an existing Dask scheduler; empty: a local cluster of worker processes
 
 
 @dataclass

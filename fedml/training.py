@@ -20,7 +20,7 @@ from fedml.data.schema import EVENT, ITEM, RATING, USER
 from fedml.data.split import positive_mask
 from fedml.federated.aggregation import DPFedAvg, FedAvg
 from fedml.federated.client import LocalTraining
-from fedml.federated.rounds import RoundReport, train_federated
+from fedml.federated.rounds import RoundReport, ShardRunner, run_in_process, train_federated
 from fedml.models.mf import ItemTable, init_item_table
 from fedml.privacy.accountant import SubsampledGaussianAccountant
 from fedml.privacy.local_dp import (
@@ -83,23 +83,29 @@ def train_model(
     config: RunConfig,
     *,
     local_statement: PrivacyStatement | None = None,
+    shard_runner: ShardRunner = run_in_process,
     on_round: Callable[[RoundReport], None] | None = None,
     on_epoch: Callable[[int, float, float | None], None] | None = None,
 ) -> TrainingOutcome:
     """Train on ``data`` (one row per shopper) the way ``config.training.mode`` says.
 
-    ``local_statement`` is the guarantee of local DP already applied to ``data``, if any.
+    ``local_statement`` is the guarantee of local DP already applied to ``data``, if any;
+    ``shard_runner`` runs the shards of a federated round (in process by default).
     """
     init = init_item_table(data.n_items, config.model.dim, config.model.init_scale, config.training.seed)
     if config.training.mode == "central":
         table, central, rounds, losses = _train_central(data, init, config, on_epoch)
     else:
-        table, central, rounds, losses = _train_federated(data, init, config, on_round)
+        table, central, rounds, losses = _train_federated(data, init, config, shard_runner, on_round)
     return TrainingOutcome(table=table, central=central, local=local_statement, rounds=rounds, epoch_losses=losses)
 
 
 def _train_federated(
-    data: UserItems, init: ItemTable, config: RunConfig, on_round: Callable[[RoundReport], None] | None
+    data: UserItems,
+    init: ItemTable,
+    config: RunConfig,
+    shard_runner: ShardRunner,
+    on_round: Callable[[RoundReport], None] | None,
 ) -> tuple[ItemTable, PrivacyStatement | None, list[RoundReport], list[float]]:
     fed, dp, privacy = config.federated, config.privacy.dp_fedavg, config.privacy
     local = LocalTraining(
@@ -136,6 +142,9 @@ def _train_federated(
         accountant=accountant,
         delta=privacy.delta,
         device=config.training.device,
+        engine=fed.engine,
+        shards=fed.shards,
+        shard_runner=shard_runner,
         on_round=on_round,
     )
     statement = None

@@ -29,6 +29,7 @@ from fedml.models.mf import fold_in, score_all
 from fedml.serving.recommender import Recommender
 from fedml.training import TrainingOutcome, apply_local_dp, train_model
 from flows import tracking
+from flows.sharding import shard_runner
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
 
@@ -158,7 +159,10 @@ def train(data: UserItems, config: RunConfig, local_statement: Any, client: Any,
         eps = "" if epsilon is None else f", epsilon {epsilon:.3f} (record-level)"
         logger.info("epoch %d/%d%s%s", epoch, config.privacy.dp_sgd.epochs, detail, eps)
 
-    outcome = train_model(data, config, local_statement=local_statement, on_round=on_round, on_epoch=on_epoch)
+    with shard_runner(config) as runner:
+        outcome = train_model(
+            data, config, local_statement=local_statement, shard_runner=runner, on_round=on_round, on_epoch=on_epoch
+        )
     headline = outcome.headline
     logger.info("trained: %s", headline.describe() if headline else "no differential privacy")
     return outcome
