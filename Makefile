@@ -12,7 +12,7 @@ export PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY := false
 export GX_ANALYTICS_ENABLED := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install run test clean
+.PHONY: install run test bench-engine clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Engine benchmark (bench/engine.py): writes bench/results/engine.json. QUICK=1 for the 2-minute version.
+bench-engine: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m bench.engine $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 clean:
 	rm -rf .fedml .pytest_cache

@@ -27,7 +27,7 @@ class LocalTraining:
     negatives: int
     l2: float
     fold_in_l2: float = 1.0
-    fold_in_iterations: int = 8
+    fold_in_iterations: int = 4
 
 
 @dataclass

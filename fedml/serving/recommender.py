@@ -35,7 +35,7 @@ class Recommender:
     ids: IdMap
     negatives: int = 4
     fold_in_l2: float = 1.0
-    fold_in_iterations: int = 8
+    fold_in_iterations: int = 4
 
     def recommend(self, history: list[str], k: int = 10) -> Recommendation:
         """Top-``k`` items for a shopper who interacted with ``history`` (oldest first), seen items excluded."""
