@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip", action="append", default=[], help="contenders to leave out")
-    parser.add_argument("--output", default=str(RESULTS))
+    parser.add_argument("--output", help=f"default {RESULTS} ({RESULTS.stem}-quick.json with --quick)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--population", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -232,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         "population": population,
         "targets": _targets(results, population),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2))
+    output = Path(args.output or (RESULTS.with_name(f"{RESULTS.stem}-quick.json") if args.quick else RESULTS))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["targets"], indent=2))
-    print(f"wrote {args.output}")
+    print(f"wrote {output}")
     return 0
 
 
