@@ -156,19 +156,22 @@ class RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a TOML file (or start from defaults) and apply ``section.key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"configuration file not found: {path}")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data = {} if path is None else read_toml(path, "configuration file", ConfigError)
     config = RunConfig.from_dict(data)
     for override in overrides or []:
         apply_override(config, override)
     return config
+
+
+def read_toml(path: str | Path, what: str, error: type[ValueError]) -> dict[str, Any]:
+    """The tables of a TOML file; ``error`` names the file when it is missing or not valid TOML."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from exc
 
 
 def apply_override(config: RunConfig, override: str) -> None:

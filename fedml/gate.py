@@ -8,9 +8,10 @@ first. It is pure: reading and writing the registry is the flow's job.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedml.config import read_toml
 
 
 class PolicyError(ValueError):
@@ -56,13 +57,7 @@ _KEYS = {
 
 def load_policy(path: str | Path) -> Policy:
     """Read a policy file with sections [privacy], [quality] and [validation]."""
-    path = Path(path)
-    if not path.is_file():
-        raise PolicyError(f"promotion policy file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path, "promotion policy file", PolicyError)
     values = {}
     for section, table in data.items():
         if not isinstance(table, dict):
