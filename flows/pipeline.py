@@ -338,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one configuration value (repeatable)")  # fmt: skip
     parser.add_argument("--policy", default=None, help="promotion policy (TOML); default from the configuration")
+    parser.add_argument("--device", help="train on this torch device (cpu, cuda); same as --set training.device=...")
     args = parser.parse_args(argv)
+    if args.device:
+        args.overrides.append(f"training.device={args.device}")
     started = time.perf_counter()
     state = training_pipeline(args.config, args.overrides, args.policy, return_state=True)
     if state.is_failed():

@@ -84,8 +84,10 @@ def fold_in(
     n_items, dim = q.shape
     out = torch.zeros(len(histories), dim, dtype=q.dtype, device=q.device)
     eye = torch.eye(dim, dtype=q.dtype, device=q.device)
-    # keep the [chunk, n_items, dim] intermediate of the Hessian near 64 MiB of floats
-    chunk_size = max(1, min(chunk_size, 16_000_000 // max(1, n_items * dim)))
+    # Hessians as one matrix product: curvature [chunk, n_items] @ outer products [n_items, dim^2]
+    outer = (q[:, :, None] * q[:, None, :]).reshape(n_items, dim * dim)
+    # keep the [chunk, n_items] intermediates near 64 MiB of floats
+    chunk_size = max(1, min(chunk_size, 16_000_000 // max(1, n_items)))
     for start in range(0, len(histories), chunk_size):
         chunk = histories[start : start + chunk_size]
         positive = torch.zeros(len(chunk), n_items, dtype=q.dtype, device=q.device)
@@ -103,8 +105,8 @@ def fold_in(
             residual = positive * (s - 1.0) + weight_neg * s  # d loss / d score
             grad = residual @ q + l2 * p
             curvature = (positive + weight_neg) * s * (1.0 - s)
-            hessian = torch.einsum("bn,nd,ne->bde", curvature, q, q) + l2 * eye
-            p = p - torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)
+            hessian = (curvature @ outer).view(-1, dim, dim) + l2 * eye
+            p = p - torch.cholesky_solve(grad.unsqueeze(-1), torch.linalg.cholesky(hessian)).squeeze(-1)
         out[start : start + len(chunk)] = p
     return out
 
