@@ -254,3 +254,12 @@ def test_a_population_scale_round():
     assert sum(d.negatives.size for d in draws) == int(sizes.sum()) * epochs * k
     for pos, d in zip(positives[:50], draws[:50]):
         np.testing.assert_array_equal(np.sort(d.order, axis=1), np.tile(np.arange(len(pos)), (epochs, 1)))
+
+
+def test_unsorted_or_repeated_positives_are_refused() -> None:
+    good = np.array([2, 7], dtype=np.int64)
+    for bad in (np.array([5, 3], dtype=np.int64), np.array([4, 4], dtype=np.int64)):
+        with pytest.raises(ValueError, match="sorted and unique"):
+            draw_round(0, 1, [0, 1], [good, bad], 10, 1, 2)
+    # clients are independent: one client's last item may exceed the next client's first
+    draw_round(0, 1, [0, 1, 2], [np.array([8, 9]), np.array([], dtype=np.int64), np.array([1, 2])], 10, 1, 2)

@@ -59,9 +59,9 @@ def draw_round(
     clients = np.asarray(clients, dtype=np.int64)
     if len(clients) != len(positives):
         raise ValueError(f"{len(clients)} clients but {len(positives)} positive lists")
-    if any(len(p) > 1 and np.any(np.diff(p) <= 0) for p in positives):
-        raise ValueError("each client's positives must be sorted and unique (as UserItems.of returns them)")
     sizes = np.array([len(p) for p in positives], dtype=np.int64)
+    if not _sorted_unique_per_client(positives, sizes):
+        raise ValueError("each client's positives must be sorted and unique (as UserItems.of returns them)")
     keys = client_keys(seed, round_index, clients)
     orders = _orders(keys, sizes, epochs)
     negs = _negatives(keys, positives, sizes, n_items, epochs, negatives)
@@ -69,6 +69,16 @@ def draw_round(
     for i, n in enumerate(sizes):
         draws.append(LocalDraws(order=orders[i].reshape(epochs, n), negatives=negs[i].reshape(epochs, n, negatives)))
     return draws
+
+
+def _sorted_unique_per_client(positives: Sequence[np.ndarray], sizes: np.ndarray) -> bool:
+    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in positives] or [np.zeros(0, np.int64)])
+    if len(flat) < 2:
+        return True
+    increasing = np.diff(flat) > 0
+    starts = np.cumsum(sizes)[:-1]  # positions where a new client's run begins in `flat`
+    increasing[starts[(starts > 0) & (starts < len(flat))] - 1] = True  # no order across clients
+    return bool(increasing.all())
 
 
 def _counters(keys: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
