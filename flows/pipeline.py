@@ -24,6 +24,7 @@ from fedml.data.interactions import UserItems
 from fedml.data.sources import SourceData, load_source
 from fedml.data.split import Split, leave_last_out
 from fedml.evaluation.ranking import RankingMetrics, evaluate_ranking, popularity_scorer
+from fedml.files import atomic_write_text
 from fedml.gate import Candidate, GateDecision, decide, load_policy
 from fedml.models.mf import fold_in, score_all
 from fedml.serving.recommender import Recommender
@@ -228,7 +229,7 @@ def training_pipeline(
     started = datetime.now(UTC)
     run_dir = Path(config.tracking.output_dir) / started.strftime("%Y%m%dT%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.to_json())
+    atomic_write_text(run_dir / "config.json", config.to_json())
 
     client = tracking.connect()
     run_id = tracking.start_run(

@@ -6,8 +6,6 @@ The map is saved with the model, so that serving takes and returns the shop's id
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fedml.data.schema import ITEM, USER
+from fedml.files import atomic_write_text
 
 FORMAT_VERSION = 1
 _SHOWN_UNKNOWN = 10  # unknown ids listed in a KeyError
@@ -66,16 +65,7 @@ class IdMap:
 
     def to_json(self, path: str | Path) -> None:
         """Write atomically (temporary file in the same folder, then ``os.replace``)."""
-        path = Path(path)
-        payload = json.dumps({"version": FORMAT_VERSION, "users": self.users, "items": self.items})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps({"version": FORMAT_VERSION, "users": self.users, "items": self.items}))
 
     @classmethod
     def from_json(cls, path: str | Path) -> IdMap:

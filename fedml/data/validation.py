@@ -37,21 +37,18 @@ Invariant: ``len(raw) == len(kept) + len(quarantined)``.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fedml.data.schema import EVENT, ITEM, QUARANTINE_REASON, RATING, REQUIRED_COLUMNS, TIMESTAMP, USER
+from fedml.files import atomic_write, atomic_write_text
 
 SCHEMA_SUITE_FILE = "interactions_schema.json"
 ROWS_SUITE_FILE = "interactions_rows.json"
@@ -506,33 +503,14 @@ def _quarantined_frame(raw: pd.DataFrame, reasons: list[list[str]], keep: np.nda
     return quarantined
 
 
-def _atomic_write(path: str | Path, write: Callable[[IO[str]], None]) -> Path:
-    """Write a text file via a temporary sibling and ``os.replace``: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_quarantine(result: ValidationResult, path: str | Path) -> Path:
     """Write the quarantined rows as CSV (header even when empty), atomically."""
-    return _atomic_write(path, lambda handle: result.quarantined.to_csv(handle, index=False))
+    return atomic_write(path, lambda handle: result.quarantined.to_csv(handle, index=False))
 
 
 def write_report(result: ValidationResult, path: str | Path) -> Path:
     """Write the validation report as JSON, atomically."""
-    return _atomic_write(path, lambda handle: handle.write(json.dumps(result.report, indent=2) + "\n"))
+    return atomic_write_text(path, json.dumps(result.report, indent=2) + "\n")
 
 
 __all__ = [

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fedml.data.ids import IdMap
+from fedml.files import atomic_write_text
 from fedml.models.mf import ItemTable, fold_in, score_all
 
 WEIGHTS_FILE = "item_table.npz"
@@ -76,7 +77,7 @@ class Recommender:
         # item ids only: the published model carries no shopper ids
         IdMap(users=[], items=list(self.ids.items)).to_json(directory / IDS_FILE)
         settings = {"negatives": self.negatives, "fold_in_l2": self.fold_in_l2, "fold_in_iterations": self.fold_in_iterations}
-        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+        atomic_write_text(directory / SETTINGS_FILE, json.dumps(settings, indent=2))
         return directory
 
     @classmethod
