@@ -98,8 +98,8 @@ def run_contender(name: str, w: Workload, device: str) -> dict:
     else:
         engine = "reference" if name == "reference" else "batched"
         if name == "batched_dp":
-            weights = np.minimum(data.counts() / 5.0, 1.0).sum() * w.client_rate
-            aggregator = DPFedAvg(0.1, 1.0, 5.0, float(weights), torch.Generator().manual_seed(1))
+            aggregator = DPFedAvg.for_population(data.counts(), w.client_rate, clip_norm=0.1, noise_multiplier=1.0,
+                                                 weight_cap=5.0, generator=torch.Generator().manual_seed(1))  # fmt: skip
         else:
             aggregator = FedAvg()
         train_federated(data, init, _local(w), aggregator, rounds=w.rounds, client_rate=w.client_rate, server_lr=500.0,

@@ -119,12 +119,12 @@ def _train_federated(
     )
     accountant = None
     if dp.enabled:
-        weights = np.minimum(data.counts() / dp.weight_cap, 1.0)
-        aggregator = DPFedAvg(
+        aggregator = DPFedAvg.for_population(
+            data.counts(),
+            fed.client_rate,
             clip_norm=dp.clip_norm,
             noise_multiplier=dp.noise_multiplier,
             weight_cap=dp.weight_cap,
-            expected_weight=float(fed.client_rate * weights.sum()),
             generator=torch.Generator().manual_seed(config.training.seed + 1),
         )
         accountant = SubsampledGaussianAccountant(dp.noise_multiplier, fed.client_rate, privacy.accountant)

@@ -190,3 +190,12 @@ def test_dp_noise_is_added_to_the_sum_not_per_client():
     agg = _dp(clip, sigma, 20.0, expected, seed=7).aggregate(zeros, n_items, dim)
     # forty clients, still one draw of std sigma * S on the sum
     assert agg.delta_embeddings.numpy().std() == pytest.approx(sigma * clip / expected, rel=0.05)
+
+
+def test_dp_fedavg_for_population_uses_the_expected_capped_weight() -> None:
+    counts = np.array([0, 1, 5, 20, 3])
+    aggregator = DPFedAvg.for_population(
+        counts, 0.25, clip_norm=0.1, noise_multiplier=1.0, weight_cap=5.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert aggregator.expected_weight == pytest.approx(0.25 * (0 + 0.2 + 1 + 1 + 0.6))
+    assert aggregator.client_weight(20) == 1.0 and aggregator.client_weight(1) == pytest.approx(0.2)

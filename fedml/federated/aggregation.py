@@ -157,6 +157,21 @@ class DPFedAvg(_WeightedDeltaSum):
     expected_weight: float
     generator: torch.Generator
 
+    @classmethod
+    def for_population(
+        cls,
+        counts: np.ndarray,
+        client_rate: float,
+        *,
+        clip_norm: float,
+        noise_multiplier: float,
+        weight_cap: float,
+        generator: torch.Generator,
+    ) -> DPFedAvg:
+        """The aggregator for a population with these per-shopper example counts, sampled at ``client_rate``."""
+        weights = np.minimum(np.asarray(counts, dtype=np.float64) / weight_cap, 1.0)
+        return cls(clip_norm, noise_multiplier, weight_cap, float(client_rate * weights.sum()), generator)
+
     def client_weight(self, num_examples: int | np.ndarray) -> float | np.ndarray:
         return np.minimum(num_examples / self.weight_cap, 1.0)
 
