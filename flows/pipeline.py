@@ -26,7 +26,6 @@ from fedml.data.split import Split, leave_last_out
 from fedml.evaluation.ranking import RankingMetrics, evaluate_ranking, popularity_scorer
 from fedml.files import atomic_write_text
 from fedml.gate import Candidate, GateDecision, decide, load_policy
-from fedml.models.mf import fold_in, score_all
 from fedml.serving.recommender import Recommender
 from fedml.training import TrainingOutcome, apply_local_dp, train_model
 from flows import tracking
@@ -170,17 +169,13 @@ def train(data: UserItems, config: RunConfig, local_statement: Any, client: Any,
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(outcome: TrainingOutcome, split: Split, config: RunConfig) -> dict[str, RankingMetrics]:
-    table, ev = outcome.table, config.evaluation
-
-    def model_scorer(users: Any, histories: list[Any]) -> Any:
-        vectors = fold_in(table, histories, negatives=config.federated.negatives, l2=config.model.fold_in_l2,
-                          iterations=config.model.fold_in_iterations)  # fmt: skip
-        return score_all(table, vectors)
-
+def evaluate(recommender: Recommender, split: Split, config: RunConfig) -> dict[str, RankingMetrics]:
+    """The served model (fold-in from histories, as serving does) and the popularity baseline."""
+    ev = config.evaluation
     common = dict(k=ev.k, sampled_negatives=ev.sampled_negatives, max_users=ev.max_users, seed=ev.seed)
     results = {
-        "model": evaluate_ranking(model_scorer, split.train, split.test_items, **common),
+        "model": evaluate_ranking(lambda users, histories: recommender.score(histories), split.train,
+                                  split.test_items, **common),  # fmt: skip
         "popularity": evaluate_ranking(popularity_scorer(split.train), split.train, split.test_items, **common),
     }
     get_run_logger().info(
@@ -268,7 +263,11 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
     if config.privacy.local_dp.enabled:
         training_data, local_statement = local_dp(split, ids, config)
     outcome = train(training_data, config, local_statement, client, run_id)
-    metrics = evaluate(outcome, split, config)
+    recommender = Recommender(
+        table=outcome.table, ids=ids, negatives=config.federated.negatives,
+        fold_in_l2=config.model.fold_in_l2, fold_in_iterations=config.model.fold_in_iterations,
+    )  # fmt: skip
+    metrics = evaluate(recommender, split, config)
 
     headline = outcome.headline
     privacy_tags = tracking.privacy_tags(headline, outcome.local)
@@ -297,10 +296,6 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
         "code.version": tracking.code_version(),
         "mlflow.run_id": run_id,
     }
-    recommender = Recommender(
-        table=outcome.table, ids=ids, negatives=config.federated.negatives,
-        fold_in_l2=config.model.fold_in_l2, fold_in_iterations=config.model.fold_in_iterations,
-    )  # fmt: skip
     version = register(client, run_id, recommender, config, version_tags)
     candidate = Candidate(
         epsilon=headline.epsilon if headline else float("inf"),

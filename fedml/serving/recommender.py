@@ -42,6 +42,17 @@ class Recommender:
         """Top-``k`` items for a shopper who interacted with ``history`` (oldest first), seen items excluded."""
         return self.recommend_many([history], k)[0]
 
+    def score(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """Scores of every item for shoppers given by their histories (item indices): fold-in, then rank.
+
+        The evaluation protocol scores through this too, so that evaluated and served models agree.
+        """
+        with torch.no_grad():
+            vectors = fold_in(
+                self.table, histories, negatives=self.negatives, l2=self.fold_in_l2, iterations=self.fold_in_iterations
+            )
+            return score_all(self.table, vectors)
+
     def recommend_many(self, histories: list[list[str]], k: int = 10) -> list[Recommendation]:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -50,11 +61,7 @@ class Recommender:
             indices = self.ids.item_index([str(i) for i in history], errors="ignore")
             known.append(np.unique(indices[indices >= 0]))
             unknown.append([str(i) for i, idx in zip(history, indices) if idx < 0])
-        with torch.no_grad():
-            vectors = fold_in(
-                self.table, known, negatives=self.negatives, l2=self.fold_in_l2, iterations=self.fold_in_iterations
-            )
-            scores = score_all(self.table, vectors)
+        scores = self.score(known)
         results = []
         for row, seen in enumerate(known):
             row_scores = scores[row].clone()
