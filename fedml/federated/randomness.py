@@ -60,19 +60,20 @@ def draw_round(
     if len(clients) != len(positives):
         raise ValueError(f"{len(clients)} clients but {len(positives)} positive lists")
     sizes = np.array([len(p) for p in positives], dtype=np.int64)
-    if not _sorted_unique_per_client(positives, sizes):
+    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in positives] or [np.zeros(0, np.int64)])
+    if not _sorted_unique_per_client(flat, sizes):
         raise ValueError("each client's positives must be sorted and unique (as UserItems.of returns them)")
     keys = client_keys(seed, round_index, clients)
     orders = _orders(keys, sizes, epochs)
-    negs = _negatives(keys, positives, sizes, n_items, epochs, negatives)
+    negs = _negatives(keys, flat, sizes, n_items, epochs, negatives)
     draws = []
     for i, n in enumerate(sizes):
         draws.append(LocalDraws(order=orders[i].reshape(epochs, n), negatives=negs[i].reshape(epochs, n, negatives)))
     return draws
 
 
-def _sorted_unique_per_client(positives: Sequence[np.ndarray], sizes: np.ndarray) -> bool:
-    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in positives] or [np.zeros(0, np.int64)])
+def _sorted_unique_per_client(flat: np.ndarray, sizes: np.ndarray) -> bool:
+    """``flat``: all clients' positives concatenated (``sizes`` each)."""
     if len(flat) < 2:
         return True
     increasing = np.diff(flat) > 0
@@ -101,7 +102,7 @@ def _orders(keys: np.ndarray, sizes: np.ndarray, epochs: int) -> list[np.ndarray
 
 
 def _negatives(
-    keys: np.ndarray, positives: Sequence[np.ndarray], sizes: np.ndarray, n_items: int, epochs: int, k: int
+    keys: np.ndarray, flat: np.ndarray, sizes: np.ndarray, n_items: int, epochs: int, k: int
 ) -> list[np.ndarray]:
     """Per client: ``epochs * n * k`` items drawn uniformly from the client's complement."""
     lengths = sizes * epochs * k
@@ -111,13 +112,13 @@ def _negatives(
     whole_catalogue = free[owner] <= 0  # a client with every item: plain uniform draws
     rank = (random % np.maximum(free[owner], 1).astype(_U)).astype(np.int64)
     rank[whole_catalogue] = (random[whole_catalogue] % _U(n_items)).astype(np.int64)
-    items = rank + _positives_at_or_below(positives, sizes, owner, rank, n_items)
+    items = rank + _positives_at_or_below(flat, sizes, owner, rank, n_items)
     items[whole_catalogue] = rank[whole_catalogue]
     return np.split(items, np.cumsum(lengths)[:-1])
 
 
 def _positives_at_or_below(
-    positives: Sequence[np.ndarray], sizes: np.ndarray, owner: np.ndarray, rank: np.ndarray, n_items: int
+    flat: np.ndarray, sizes: np.ndarray, owner: np.ndarray, rank: np.ndarray, n_items: int
 ) -> np.ndarray:
     """How many of the client's positives precede its ``rank``-th non-positive item.
 
@@ -125,7 +126,6 @@ def _positives_at_or_below(
     all clients at once, each client's values offset into its own band.
     """
     band = np.int64(n_items + 1)
-    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in positives] or [np.zeros(0, np.int64)])
     within = np.arange(len(flat), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     client = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
     shifted = client * band + (flat - within)
