@@ -68,11 +68,11 @@ from fedml.data.synthetic import (
     _shopper_events,
     _unix,
     product_ids,
+    shopper_ids,
 )
 
 DEFAULT_BLOCK_SIZE = 10_000
 DEFAULT_CACHED_BLOCKS = 8
-_SHOPPER_ID_WIDTH = 6  # as in synthetic.shopper_ids
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,7 @@ class ShopperBlock:
 
     def frame(self, start: str | pd.Timestamp = "2026-01-01") -> pd.DataFrame:
         """The block as a canonical interactions frame, ids as ``generate_shop`` writes them."""
-        width = max(_SHOPPER_ID_WIDTH, len(str(max(self.n_shoppers - 1, 0))))
-        digits = np.arange(self.start, self.stop).astype(str)
-        users = np.strings.add("S", np.strings.zfill(digits, width))
+        users = shopper_ids(self.n_shoppers, self.start, self.stop)
         return pd.DataFrame(
             {
                 USER: pd.array(users, dtype="str").take(self.shopper - self.start),

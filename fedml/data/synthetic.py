@@ -99,9 +99,9 @@ def generate_shop(
     return Shop(interactions=interactions, catalogue=_catalogue_frame(rng, catalogue))
 
 
-def shopper_ids(n: int) -> np.ndarray:
-    """``S000000``, ``S000001``, …: the synthetic shopper ids."""
-    return _ids("S", n, width=6)
+def shopper_ids(n: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """``S000000``, ``S000001``, …: the ids of shoppers ``start..stop-1`` of a shop of ``n``."""
+    return _ids("S", n, width=6, start=start, stop=stop)
 
 
 def product_ids(n: int) -> np.ndarray:
@@ -109,8 +109,9 @@ def product_ids(n: int) -> np.ndarray:
     return _ids("P", n, width=5)
 
 
-def _ids(prefix: str, n: int, width: int) -> np.ndarray:
-    digits = np.arange(n).astype(str)
+def _ids(prefix: str, n: int, width: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Ids of indices ``start..stop-1``, zero-padded to the width the largest index of ``n`` needs."""
+    digits = np.arange(start, n if stop is None else stop).astype(str)
     return np.strings.add(prefix, np.strings.zfill(digits, max(width, len(str(max(n - 1, 0))))))
 
 
