@@ -28,6 +28,7 @@ from scipy.stats import norm
 from fedml.privacy.accountant import (
     SubsampledGaussianAccountant,
     calibrate_noise_multiplier,
+    composed_epsilon,
     gaussian_epsilon,
 )
 from tests.privacy_reference import eps_integer_orders, log_a_int, rdp_to_eps
@@ -86,9 +87,7 @@ def test_rdp_small_order_case_is_below_integer_orders():
 
 @pytest.mark.parametrize("sigma,q,steps", [(0.8, 0.2, 30), (1.0, 0.01, 1000), (2.0, 0.05, 500)])
 def test_rdp_matches_numerical_renyi_moment_on_opacus_orders(sigma, q, steps):
-    expected = min(
-        rdp_to_eps(steps * log_a_numeric(q, sigma, a) / (a - 1), a, DELTA) for a in OPACUS_ORDERS
-    )
+    expected = min(rdp_to_eps(steps * log_a_numeric(q, sigma, a) / (a - 1), a, DELTA) for a in OPACUS_ORDERS)
     assert gaussian_epsilon(sigma, q, steps, DELTA, "rdp") == pytest.approx(expected, rel=1e-6)
 
 
@@ -125,9 +124,7 @@ def test_published_abadi_et_al_2016_figure():
     # ε = min_λ (T·log A_{λ+1} + log(1/δ)) / λ, λ <= 32, reproduces the figure from the closed
     # form; Opacus's conversion (Balle et al. 2020) is tighter.
     sigma, q, steps = 4.0, 0.01, 10_000
-    moments = min(
-        (steps * log_a_int(q, sigma, lam + 1) + math.log(1 / DELTA)) / lam for lam in range(1, 33)
-    )
+    moments = min((steps * log_a_int(q, sigma, lam + 1) + math.log(1 / DELTA)) / lam for lam in range(1, 33))
     assert moments == pytest.approx(1.26, abs=0.005)
     assert gaussian_epsilon(sigma, q, steps, DELTA, "rdp") < moments
 
@@ -205,3 +202,54 @@ def test_calibrate_round_trip(accountant, target, q, steps):
 def test_calibrate_reference_number_and_prv_needs_less_noise():
     assert calibrate_noise_multiplier(3.0, 0.01, 1000, DELTA, "rdp") == pytest.approx(0.8655, abs=1e-3)
     assert calibrate_noise_multiplier(3.0, 0.01, 1000, DELTA, "prv") < 0.8655
+
+
+# ---------------------------------------------------------------- composition across runs
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_composing_identical_runs_equals_one_longer_run(accountant):
+    # two scheduled runs with the same (σ, q) on one cohort are one run of twice the rounds
+    two = composed_epsilon([(1.0, 0.1, 30), (1.0, 0.1, 30)], DELTA, accountant)
+    assert two == pytest.approx(gaussian_epsilon(1.0, 0.1, 60, DELTA, accountant), rel=1e-6)
+    assert composed_epsilon([(1.0, 0.1, 30)], DELTA, accountant) == pytest.approx(
+        gaussian_epsilon(1.0, 0.1, 30, DELTA, accountant), rel=1e-9
+    )
+
+
+def test_full_batch_runs_with_different_sigma_compose_to_the_exact_gaussian():
+    # q = 1: Gaussians with σ1, σ2 compose to one Gaussian with μ² = 1/σ1² + 1/σ2² (closed form,
+    # Dong, Roth & Su 2019); PRV is within its error above the exact curve, RDP above both
+    history = [(2.0, 1.0, 3), (4.0, 1.0, 5)]
+    sigma_eff = 1 / math.sqrt(3 / 2.0**2 + 5 / 4.0**2)
+    exact = exact_gaussian_eps(sigma_eff, 1, DELTA)
+    prv = composed_epsilon(history, DELTA, "prv")
+    rdp = composed_epsilon(history, DELTA, "rdp")
+    assert exact - 1e-6 <= prv <= exact + 0.011
+    assert rdp == pytest.approx(gaussian_epsilon(sigma_eff, 1.0, 1, DELTA, "rdp"), rel=1e-9)
+    assert rdp > prv
+
+
+def test_pure_mechanisms_compose_below_basic_composition():
+    # 100 mechanisms of ε = 0.1: basic composition says 10; as (ε²/2)-zCDP each, ρ = 0.5 in all, and
+    # ρ-zCDP gives ε <= ρ + 2·sqrt(ρ·log(1/δ)) (Bun & Steinke 2016, Prop. 1.3); the RDP -> (ε, δ)
+    # conversion Opacus uses is tighter still
+    eps = composed_epsilon([], DELTA, "rdp", pure_epsilons=[0.1] * 100)
+    rho = 100 * 0.1**2 / 2
+    assert eps <= rho + 2 * math.sqrt(rho * math.log(1 / DELTA))
+    assert eps > rho  # and it is not free
+    # a single pure mechanism converted through RDP is never better than ε itself
+    assert composed_epsilon([], DELTA, "rdp", pure_epsilons=[1.0]) >= 1.0
+
+
+def test_composition_edge_cases():
+    assert composed_epsilon([], DELTA) == 0.0
+    assert composed_epsilon([(1.0, 0.1, 0)], DELTA, "prv") == 0.0
+    assert composed_epsilon([(0.0, 0.1, 3), (1.0, 0.1, 3)], DELTA) == math.inf
+    with pytest.raises(ValueError, match="accountant"):
+        composed_epsilon([(1.0, 0.1, 3)], DELTA, "gdp")
+    with pytest.raises(ValueError, match="delta"):
+        composed_epsilon([(1.0, 0.1, 3)], 0.0)
+    # pure mechanisms make PRV fall back to RDP (PRV composes Gaussians only)
+    mixed = composed_epsilon([(1.0, 0.1, 30)], DELTA, "prv", pure_epsilons=[0.5])
+    assert mixed == composed_epsilon([(1.0, 0.1, 30)], DELTA, "rdp", pure_epsilons=[0.5])

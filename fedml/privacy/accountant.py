@@ -22,6 +22,7 @@ import warnings
 from typing import Any, Literal
 
 AccountantName = Literal["rdp", "prv"]
+GaussianRun = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps) of one mechanism
 
 PRV_EPS_ERROR = 0.01  # absolute error of the PRV epsilon estimate (Opacus's default)
 PRV_MAX_GRID = 10_000_000  # discretisation points above which the PRV path falls back to RDP
@@ -30,9 +31,7 @@ PRV_MAX_GRID = 10_000_000  # discretisation points above which the PRV path fall
 class SubsampledGaussianAccountant:
     """ε of ``steps`` compositions of a Poisson-subsampled Gaussian mechanism with fixed σ and q."""
 
-    def __init__(
-        self, noise_multiplier: float, sample_rate: float, accountant: AccountantName = "rdp"
-    ) -> None:
+    def __init__(self, noise_multiplier: float, sample_rate: float, accountant: AccountantName = "rdp") -> None:
         _check_params(noise_multiplier, sample_rate, accountant)
         self.noise_multiplier = float(noise_multiplier)
         self.sample_rate = float(sample_rate)
@@ -51,9 +50,7 @@ class SubsampledGaussianAccountant:
 
     def epsilon(self, delta: float) -> float:
         """ε spent so far at this δ (0.0 before any step, inf without noise)."""
-        return gaussian_epsilon(
-            self.noise_multiplier, self.sample_rate, self._steps, delta, self.accountant
-        )
+        return gaussian_epsilon(self.noise_multiplier, self.sample_rate, self._steps, delta, self.accountant)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state, for checkpoints."""
@@ -157,55 +154,92 @@ class _quiet_rdp(warnings.catch_warnings):
 def _epsilon(
     noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str, warn: bool
 ) -> float:
-    rdp = _rdp_epsilon(noise_multiplier, sample_rate, steps, delta)
+    history = [(noise_multiplier, sample_rate, steps)]
+    rdp = _rdp_epsilon(history, delta)
     if accountant == "rdp":
         return rdp
-    return _prv_epsilon(noise_multiplier, sample_rate, steps, delta, rdp, warn)
+    return _prv_epsilon(history, delta, rdp, warn)
 
 
-def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    from opacus.accountants import RDPAccountant
-
-    acc = RDPAccountant()
-    acc.history = [(noise_multiplier, sample_rate, int(steps))]
-    with _quiet_rdp():
-        return float(acc.get_epsilon(delta=delta))
-
-
-def _prv_grid_size(
-    noise_multiplier: float, sample_rate: float, steps: int, delta_error: float
+def composed_epsilon(
+    history: list[GaussianRun],
+    delta: float,
+    accountant: AccountantName = "rdp",
+    pure_epsilons: tuple[float, ...] | list[float] = (),
 ) -> float:
+    """ε at ``delta`` of running several mechanisms on the same data, one after another.
+
+    ``history`` lists Poisson-subsampled Gaussian mechanisms as (σ, q, steps), possibly with
+    different σ and q (e.g. one entry per training run of a cohort); ``pure_epsilons`` adds pure
+    ε-DP mechanisms. Composition happens in the accountant's own currency (summed RDP curves, or
+    composed privacy-loss distributions), which is much tighter than adding ε's. A pure ε-DP
+    mechanism enters RDP as ``min(ε, α ε² / 2)`` at order α (it is (ε²/2)-zCDP: Bun & Steinke
+    2016, Prop. 3.3); PRV composes Gaussians only, so with pure mechanisms it falls back to RDP.
+    """
+    if accountant not in ("rdp", "prv"):
+        raise ValueError(f"accountant must be 'rdp' or 'prv', got {accountant!r}")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    for sigma, q, steps in history:
+        _check_params(sigma, q, accountant)
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+    if any(not e >= 0.0 for e in pure_epsilons):
+        raise ValueError(f"pure epsilons must be >= 0, got {list(pure_epsilons)}")
+    history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0 and q > 0.0]
+    pure = [float(e) for e in pure_epsilons if e > 0.0]
+    if any(s == 0.0 for s, _, _ in history) or any(math.isinf(e) for e in pure):
+        return math.inf
+    if not history and not pure:
+        return 0.0
+    rdp = _rdp_epsilon(history, delta, pure)
+    if accountant == "rdp" or pure:
+        return rdp
+    return _prv_epsilon(history, delta, rdp, warn=True)
+
+
+def _rdp_epsilon(history: list[GaussianRun], delta: float, pure: list[float] | None = None) -> float:
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    curve = np.zeros(len(orders))
+    for sigma, q, steps in history:
+        curve += np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders))
+    for eps in pure or []:
+        curve += np.minimum(eps, np.asarray(orders) * eps**2 / 2)
+    with _quiet_rdp():
+        epsilon, _ = get_privacy_spent(orders=orders, rdp=curve, delta=delta)
+    return float(epsilon)
+
+
+def _prv_grid_size(history: list[GaussianRun], delta_error: float) -> float:
     """Number of points Opacus's PRV accountant would discretise on (mirrors PRVAccountant)."""
     from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 
-    prv = PoissonSubsampledGaussianPRV(sample_rate, noise_multiplier)
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    steps = [n for _, _, n in history]
     with _quiet_rdp():
-        half_width = compute_safe_domain_size([prv], [steps], PRV_EPS_ERROR, delta_error)
-    mesh = PRV_EPS_ERROR / math.sqrt(steps * math.log(12 / delta_error) / 2)
+        half_width = compute_safe_domain_size(prvs, steps, PRV_EPS_ERROR, delta_error)
+    mesh = PRV_EPS_ERROR / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
     return 2 * half_width / mesh
 
 
-def _prv_epsilon(
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    delta: float,
-    rdp_epsilon: float,
-    warn: bool,
-) -> float:
+def _prv_epsilon(history: list[GaussianRun], delta: float, rdp_epsilon: float, warn: bool) -> float:
     from opacus.accountants import PRVAccountant
 
     delta_error = delta / 1000  # Opacus's default
     reason = None
     if not math.isfinite(rdp_epsilon):
         reason = "the RDP bound is infinite"
-    elif (size := _prv_grid_size(noise_multiplier, sample_rate, steps, delta_error)) > PRV_MAX_GRID:
+    elif (size := _prv_grid_size(history, delta_error)) > PRV_MAX_GRID:
         reason = f"its grid would have {size:.3g} points (ε is very large)"
     else:
         import numpy as np
 
         acc = PRVAccountant()
-        acc.history = [(noise_multiplier, sample_rate, int(steps))]
+        acc.history = list(history)
         try:
             with _quiet_rdp(), np.errstate(divide="ignore", over="ignore", invalid="ignore"):
                 eps = float(acc.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR, delta_error=delta_error))
@@ -216,7 +250,7 @@ def _prv_epsilon(
             reason = f"it failed: {exc}"
     if warn:
         warnings.warn(
-            f"PRV accountant not used for σ={noise_multiplier}, q={sample_rate}, steps={steps}: "
+            f"PRV accountant not used for the history {history}: "
             f"{reason}; reporting the RDP bound ε={rdp_epsilon:.4g} instead",
             RuntimeWarning,
             stacklevel=4,
@@ -224,9 +258,7 @@ def _prv_epsilon(
     return rdp_epsilon
 
 
-def _bisect_sigma(
-    epsilon_of, target: float, start: float, tolerance: float = 0.01, max_sigma: float = 1e6
-) -> float:
+def _bisect_sigma(epsilon_of, target: float, start: float, tolerance: float = 0.01, max_sigma: float = 1e6) -> float:
     """get_noise_multiplier's search from a starting σ: grow σ until ε <= target, then bisect
     until ε is within ``tolerance`` below the target; returns the σ of the last feasible ε."""
     low, high = 0.0, start
@@ -253,4 +285,6 @@ __all__ = [
     "SubsampledGaussianAccountant",
     "gaussian_epsilon",
     "calibrate_noise_multiplier",
+    "composed_epsilon",
+    "GaussianRun",
 ]
