@@ -22,6 +22,8 @@ class PolicyError(ValueError):
 class Policy:
     max_epsilon: float = 8.0  # headline epsilon ceiling (a model without DP has epsilon = inf)
     max_delta: float = 1e-5
+    max_lifetime_epsilon: float = math.inf  # the cohort's composed spend over all runs (the ledger's)
+    require_audit: bool = False  # a version without an empirical privacy audit fails
     min_hr_at_10: float = 0.0
     max_regression: float = 0.02  # allowed absolute HR@10 drop against the production version
     require_validation_passed: bool = True
@@ -35,6 +37,8 @@ class Candidate:
     delta: float
     hr_at_10: float
     validation_passed: bool
+    lifetime_epsilon: float | None = None  # the cohort's lifetime spend including this run
+    audit_lower_bound: float | None = None  # empirical ε lower bound of the run's privacy audit
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class GateDecision:
 _KEYS = {
     ("privacy", "max_epsilon"): float,
     ("privacy", "max_delta"): float,
+    ("privacy", "max_lifetime_epsilon"): float,
+    ("privacy", "require_audit"): bool,
     ("quality", "min_hr_at_10"): float,
     ("quality", "max_regression"): float,
     ("validation", "require_passed"): bool,
@@ -83,6 +89,19 @@ def decide(candidate: Candidate, policy: Policy, production: Candidate | None) -
         reasons.append(f"epsilon {candidate.epsilon:.3f} exceeds the ceiling {policy.max_epsilon:g}")
     if not candidate.delta <= policy.max_delta:  # written so that NaN fails
         reasons.append(f"delta {candidate.delta:g} exceeds the ceiling {policy.max_delta:g}")
+    if candidate.lifetime_epsilon is not None and not candidate.lifetime_epsilon <= policy.max_lifetime_epsilon:
+        reasons.append(
+            f"the cohort's lifetime epsilon {candidate.lifetime_epsilon:.3f} exceeds its budget "
+            f"{policy.max_lifetime_epsilon:g}"
+        )
+    if candidate.audit_lower_bound is None:
+        if policy.require_audit:
+            reasons.append("no empirical privacy audit was run")
+    elif candidate.audit_lower_bound > candidate.epsilon:
+        reasons.append(
+            f"the privacy audit's empirical lower bound {candidate.audit_lower_bound:.3f} exceeds the claimed "
+            f"epsilon {candidate.epsilon:.3f}: the mechanism does not deliver its claim (likely an implementation bug)"
+        )
     if not candidate.hr_at_10 >= policy.min_hr_at_10:
         reasons.append(f"HR@10 {candidate.hr_at_10:.4f} is below the floor {policy.min_hr_at_10:g}")
     if production is not None and candidate.hr_at_10 < production.hr_at_10 - policy.max_regression:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ from fedml.gate import Candidate, GateDecision, Policy, PolicyError, decide, loa
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY_FILE = REPO / "configs" / "promotion-policy.toml"
-POLICY = Policy(max_epsilon=8.0, max_delta=1e-5, min_hr_at_10=0.05, max_regression=0.02, require_validation_passed=True)
+POLICY = Policy(
+    max_epsilon=8.0,
+    max_delta=1e-5,
+    max_lifetime_epsilon=20.0,
+    min_hr_at_10=0.05,
+    max_regression=0.02,
+    require_validation_passed=True,
+)
 GOOD = Candidate(epsilon=3.0, delta=1e-5, hr_at_10=0.20, validation_passed=True)
 
 
@@ -142,6 +150,24 @@ def test_validation_rule_can_be_switched_off():
 
 
 def test_nan_metrics_are_not_promoted():
-    decision = decide(Candidate(epsilon=math.nan, delta=math.nan, hr_at_10=math.nan, validation_passed=True), POLICY, None)
+    decision = decide(
+        Candidate(epsilon=math.nan, delta=math.nan, hr_at_10=math.nan, validation_passed=True), POLICY, None
+    )
     assert not decision.promote
     assert len(decision.reasons) == 3  # epsilon, delta and HR@10 rules all fail
+
+
+def test_lifetime_budget_and_audit_rules(tmp_path):
+    policy = load_policy(_write(tmp_path, "[privacy]\nmax_lifetime_epsilon = 10\nrequire_audit = true\n"))
+    fine = Candidate(epsilon=4.0, delta=1e-5, hr_at_10=0.5, validation_passed=True, lifetime_epsilon=9.5,
+                     audit_lower_bound=0.3)  # fmt: skip
+    assert decide(fine, policy, None).promote
+    over = decide(replace(fine, lifetime_epsilon=10.5), policy, None)
+    assert over.reasons == ["the cohort's lifetime epsilon 10.500 exceeds its budget 10"]
+    broken = decide(replace(fine, audit_lower_bound=4.2), policy, None)
+    assert not broken.promote and "likely an implementation bug" in broken.reasons[0]
+    unaudited = decide(replace(fine, audit_lower_bound=None), policy, None)
+    assert unaudited.reasons == ["no empirical privacy audit was run"]
+    # without the requirement, an unaudited version passes; an unbounded lifetime budget is the default
+    assert decide(replace(fine, audit_lower_bound=None, lifetime_epsilon=1e9), Policy(), None).promote
+    assert load_policy(_write(tmp_path, "[privacy]\nmax_lifetime_epsilon = inf\n")).max_lifetime_epsilon == math.inf
