@@ -89,7 +89,10 @@ class LocalDPConfig:
 @dataclass
 class PrivacyConfig:
     delta: float = 1e-5
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv"] = "rdp"  # the one the gate and the ledger use; both are reported
+    # the shoppers whose data the run uses, for the lifetime budget ledger; empty: the data source's name.
+    # Name it for production (scheduled runs over new exports of the same shoppers must share it).
+    cohort: str = ""
     # Training loss, update norms and clipped fractions are computed from raw data and are NOT
     # covered by epsilon: under a central DP mechanism they are published only when this is true.
     publish_diagnostics: bool = False
@@ -119,6 +122,7 @@ class TrackingConfig:
     registered_model: str = "shopping-guide"
     production_alias: str = "production"
     policy_file: str = "configs/promotion-policy.toml"
+    ledger_experiment: str = "privacy-ledger"  # the MLflow experiment that holds the privacy ledger
     output_dir: str = ".fedml/runs"
 
 
@@ -137,9 +141,7 @@ class RunConfig:
 
     def publishes_diagnostics(self) -> bool:
         """Whether un-noised training diagnostics may be logged: no central DP, or explicitly allowed."""
-        central_dp = (
-            self.privacy.dp_sgd.enabled if self.training.mode == "central" else self.privacy.dp_fedavg.enabled
-        )
+        central_dp = self.privacy.dp_sgd.enabled if self.training.mode == "central" else self.privacy.dp_fedavg.enabled
         return self.privacy.publish_diagnostics or not central_dp
 
     def to_flat_dict(self) -> dict[str, Any]:

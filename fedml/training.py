@@ -22,7 +22,8 @@ from fedml.federated.aggregation import DPFedAvg, FedAvg
 from fedml.federated.client import LocalTraining
 from fedml.federated.rounds import RoundReport, ShardRunner, run_in_process, train_federated
 from fedml.models.mf import ItemTable, init_item_table
-from fedml.privacy.accountant import SubsampledGaussianAccountant
+from fedml.privacy.accountant import SubsampledGaussianAccountant, calibrate_noise_multiplier
+from fedml.privacy.ledger import Charge
 from fedml.privacy.local_dp import (
     laplace_ratings,
     laplace_statement,
@@ -76,6 +77,45 @@ def apply_local_dp(
     noisy = randomized_response(positives, ldp.implicit_epsilon, rng)
     statements.append(randomized_response_statement(ldp.implicit_epsilon))
     return noisy, compose_pure(statements) if len(statements) > 1 else statements[0]
+
+
+@dataclass(frozen=True)
+class PlannedSpend:
+    """What a run will spend, known before it trains: the unit protected and the charge."""
+
+    unit: str
+    charge: Charge
+
+
+FEDAVG_MECHANISM = "dp-fedavg (clipped client updates, gaussian noise on the sum, fixed denominator)"
+
+
+def planned_spend(data: UserItems, config: RunConfig, local_statement: PrivacyStatement | None) -> PlannedSpend:
+    """The privacy the run's headline mechanism will spend, for the ledger's check before training.
+
+    DP-FedAvg: (σ, q, rounds) per user. DP-SGD: (σ, q, steps) per record, with σ calibrated as
+    training will calibrate it. Local DP alone: its pure ε per record. No DP at all: σ = 0, an
+    infinite charge (a run without DP voids any budget of the shoppers it touches).
+    """
+    fed, privacy = config.federated, config.privacy
+    if config.training.mode == "federated":
+        if privacy.dp_fedavg.enabled:
+            return PlannedSpend("user", Charge(FEDAVG_MECHANISM, privacy.dp_fedavg.noise_multiplier,
+                                               fed.client_rate, fed.rounds))  # fmt: skip
+    elif privacy.dp_sgd.enabled:
+        from fedml.privacy.dpsgd import MECHANISM, poisson_schedule
+
+        sgd = privacy.dp_sgd
+        q, steps = poisson_schedule(data.nnz, sgd.batch_size, sgd.epochs)
+        sigma = sgd.noise_multiplier
+        if sgd.target_epsilon > 0:
+            sigma = calibrate_noise_multiplier(sgd.target_epsilon, q, steps, privacy.delta, privacy.accountant)
+        return PlannedSpend("record", Charge(MECHANISM, sigma, q, steps))
+    if local_statement is not None:
+        return PlannedSpend(
+            local_statement.unit, Charge(local_statement.mechanism, pure_epsilon=local_statement.epsilon)
+        )
+    return PlannedSpend("user", Charge("none (no differential privacy)", 0.0, 1.0, 1))
 
 
 def train_model(
@@ -153,7 +193,7 @@ def _train_federated(
             epsilon=accountant.epsilon(privacy.delta),
             delta=privacy.delta,
             unit="user",
-            mechanism="dp-fedavg (clipped client updates, gaussian noise on the sum, fixed denominator)",
+            mechanism=FEDAVG_MECHANISM,
             accountant=f"{privacy.accountant} (opacus)",
             sampling=f"poisson q={fed.client_rate:g}",
             noise_multiplier=dp.noise_multiplier,

@@ -25,13 +25,15 @@ from fedml.data.sources import SourceData, load_source
 from fedml.data.split import Split, leave_last_out
 from fedml.evaluation.ranking import RankingMetrics, evaluate_ranking, popularity_scorer
 from fedml.files import atomic_write_text
-from fedml.gate import Candidate, GateDecision, decide, load_policy
+from fedml.gate import Candidate, GateDecision, Policy, decide, load_policy
+from fedml.privacy.ledger import BudgetExceeded, check_budget, lifetime
+from fedml.privacy.report import build_report, render_markdown
 from fedml.serving.recommender import Recommender
-from fedml.training import TrainingOutcome, apply_local_dp, train_model
+from fedml.training import PlannedSpend, TrainingOutcome, apply_local_dp, planned_spend, train_model
 from flows import tracking
+from flows.ledger import MlflowLedger, Spending
+from flows.ops import DEFAULT_CONFIG
 from flows.sharding import shard_runner
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
 
 
 @dataclass
@@ -49,6 +51,7 @@ class PipelineSummary:
     rows_quarantined: int
     privacy: str
     epsilon: float
+    lifetime: str
     hr_at_10: float
     popularity_hr_at_10: float
     tracking_uri: str
@@ -61,6 +64,7 @@ class PipelineSummary:
             "=== shopping-guide training run ===",
             f"data        {self.rows_in} rows in, {self.rows_kept} kept, {self.rows_quarantined} quarantined",
             f"privacy     {self.privacy}",
+            f"budget      {self.lifetime}",
             f"quality     HR@10 {self.hr_at_10:.4f} (popularity baseline {self.popularity_hr_at_10:.4f}), "
             "leave-last-out, full ranking",
             f"model       {self.model_name} version {self.version}",
@@ -129,8 +133,30 @@ def local_dp(split: Split, ids: IdMap, config: RunConfig) -> tuple[UserItems, An
     return noisy, statement
 
 
+@task(name="reserve-privacy-budget", cache_policy=NO_CACHE)
+def reserve_budget(
+    ledger: MlflowLedger, cohort: str, spend: PlannedSpend, run_id: str, policy: Policy, config: RunConfig
+) -> Any:
+    """Open this run's ledger entry, then check the cohort's lifetime budget with it reserved.
+
+    Reserving first and checking second means two runs starting at once on one cohort each see
+    the other's reservation: at worst both are refused, never both let through over budget.
+    """
+    entry = ledger.open(cohort, spend.unit, spend.charge, run_id)
+    privacy = config.privacy
+    check = check_budget(ledger.entries(), cohort, spend.unit, spend.charge, policy.max_lifetime_epsilon,
+                         privacy.delta, privacy.accountant, exclude=entry.entry_id)  # fmt: skip
+    if not check.allowed:
+        ledger.close(entry.entry_id, "refused", 0, note=check.message())
+        raise BudgetExceeded(check.message())
+    get_run_logger().info("privacy budget: %s", check.message())
+    return entry
+
+
 @task(name="train", cache_policy=NO_CACHE)
-def train(data: UserItems, config: RunConfig, local_statement: Any, client: Any, run_id: str) -> TrainingOutcome:
+def train(
+    data: UserItems, config: RunConfig, local_statement: Any, client: Any, run_id: str, spending: Spending
+) -> TrainingOutcome:
     logger = get_run_logger()
     rounds = config.federated.rounds
 
@@ -144,17 +170,29 @@ def train(data: UserItems, config: RunConfig, local_statement: Any, client: Any,
         if report.epsilon is not None:
             metrics["privacy/epsilon"] = report.epsilon
         tracking.log_metrics(client, run_id, metrics, step=report.round)
-        eps = "" if report.epsilon is None else f", epsilon {report.epsilon:.3f} (user-level, delta {config.privacy.delta:g})"
-        detail = "" if private_diagnostics else (
-            f", loss {report.loss:.4f}, mean update norm {report.update_norm:.4f}, clipped {100 * report.clipped_fraction:.0f}%"
+        spending.step(report.round)
+        eps = (
+            ""
+            if report.epsilon is None
+            else f", epsilon {report.epsilon:.3f} (user-level, delta {config.privacy.delta:g})"
         )
-        logger.info("round %d/%d: %d clients%s%s, %.1fs", report.round, rounds, report.clients, detail, eps, report.seconds)
+        detail = (
+            ""
+            if private_diagnostics
+            else (
+                f", loss {report.loss:.4f}, mean update norm {report.update_norm:.4f}, clipped {100 * report.clipped_fraction:.0f}%"
+            )
+        )
+        logger.info(
+            "round %d/%d: %d clients%s%s, %.1fs", report.round, rounds, report.clients, detail, eps, report.seconds
+        )
 
     def on_epoch(epoch: int, loss: float, epsilon: float | None) -> None:
         metrics = {} if private_diagnostics else {"train/loss": loss}
         if epsilon is not None:
             metrics["privacy/epsilon"] = epsilon
         tracking.log_metrics(client, run_id, metrics, step=epoch)
+        spending.step(spending.entry.planned.steps * epoch // config.privacy.dp_sgd.epochs)
         detail = "" if private_diagnostics else f": loss {loss:.4f}"
         eps = "" if epsilon is None else f", epsilon {epsilon:.3f} (record-level)"
         logger.info("epoch %d/%d%s%s", epoch, config.privacy.dp_sgd.epochs, detail, eps)
@@ -174,8 +212,9 @@ def evaluate(recommender: Recommender, split: Split, config: RunConfig) -> dict[
     ev = config.evaluation
     common = dict(k=ev.k, sampled_negatives=ev.sampled_negatives, max_users=ev.max_users, seed=ev.seed)
     results = {
-        "model": evaluate_ranking(lambda users, histories: recommender.score(histories), split.train,
-                                  split.test_items, **common),  # fmt: skip
+        "model": evaluate_ranking(
+            lambda users, histories: recommender.score(histories), split.train, split.test_items, **common
+        ),  # fmt: skip
         "popularity": evaluate_ranking(popularity_scorer(split.train), split.train, split.test_items, **common),
     }
     get_run_logger().info(
@@ -187,16 +226,16 @@ def evaluate(recommender: Recommender, split: Split, config: RunConfig) -> dict[
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def register(
-    client: Any, run_id: str, recommender: Recommender, config: RunConfig, tags: dict[str, str]
-) -> str:
+def register(client: Any, run_id: str, recommender: Recommender, config: RunConfig, tags: dict[str, str]) -> str:
     version = tracking.log_and_register_model(client, run_id, recommender, config.tracking.registered_model, tags)
     get_run_logger().info("registered %s version %s", config.tracking.registered_model, version)
     return version
 
 
 @task(name="promotion-gate", cache_policy=NO_CACHE)
-def gate(client: Any, config: RunConfig, version: str, candidate: Candidate, policy_file: str) -> tuple[GateDecision, str | None]:
+def gate(
+    client: Any, config: RunConfig, version: str, candidate: Candidate, policy_file: str
+) -> tuple[GateDecision, str | None]:
     policy = load_policy(policy_file)
     name, alias = config.tracking.registered_model, config.tracking.production_alias
     current = tracking.production_candidate(client, name, alias)
@@ -262,7 +301,16 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
     training_data, local_statement = split.train, None
     if config.privacy.local_dp.enabled:
         training_data, local_statement = local_dp(split, ids, config)
-    outcome = train(training_data, config, local_statement, client, run_id)
+    policy = load_policy(policy_path)
+    cohort = config.privacy.cohort or source.name
+    ledger = MlflowLedger(client, config.tracking.ledger_experiment)
+    client.set_tag(run_id, "privacy.cohort", cohort)
+    entry = reserve_budget(
+        ledger, cohort, planned_spend(training_data, config, local_statement), run_id, policy, config
+    )
+    with Spending(ledger, entry) as spending:
+        outcome = train(training_data, config, local_statement, client, run_id, spending)
+    spent = lifetime(ledger.entries(), cohort, config.privacy.delta, config.privacy.accountant)
     recommender = Recommender(
         table=outcome.table, ids=ids, negatives=config.federated.negatives,
         fold_in_l2=config.model.fold_in_l2, fold_in_iterations=config.model.fold_in_iterations,
@@ -270,17 +318,28 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
     metrics = evaluate(recommender, split, config)
 
     headline = outcome.headline
-    privacy_tags = tracking.privacy_tags(headline, outcome.local)
+    report_ = build_report(
+        headline, outcome.local, cohort=cohort, lifetime=spent, lifetime_budget=policy.max_lifetime_epsilon,
+        publishes_diagnostics=config.publishes_diagnostics(),
+    )  # fmt: skip
+    privacy_tags = {
+        **tracking.privacy_tags(headline, outcome.local),
+        **{f"privacy.epsilon.{name}": repr(eps) for name, eps in report_["epsilon_by_accountant"].items()},
+        "privacy.cohort": cohort,
+        "privacy.lifetime_epsilon": repr(spent.epsilon),
+        "privacy.lifetime_accountant": spent.accountant,
+        "privacy.lifetime_budget": repr(policy.max_lifetime_epsilon),
+        "privacy.ledger_entry": entry.entry_id,
+    }
     quality = {**metrics["model"].as_metrics("quality/"), **metrics["popularity"].as_metrics("baseline/popularity/")}
     tracking.log_metrics(client, run_id, quality)
+    privacy_metrics = {f"privacy/epsilon_{name}": eps for name, eps in report_["epsilon_by_accountant"].items()}
     if headline is not None:
-        tracking.log_metrics(client, run_id, {"privacy/epsilon_final": headline.epsilon})
+        privacy_metrics["privacy/epsilon_final"] = headline.epsilon
+    tracking.log_metrics(client, run_id, {**privacy_metrics, "privacy/lifetime_epsilon": spent.epsilon})
     tracking.set_run_tags(client, run_id, privacy_tags)
-    tracking.log_json(client, run_id, "privacy.json", {
-        "headline": asdict(headline) if headline else None,
-        "local": asdict(outcome.local) if outcome.local else None,
-        "statement": headline.describe() if headline else "no differential privacy",
-    })  # fmt: skip
+    tracking.log_json(client, run_id, "privacy.json", report_)
+    tracking.log_text(client, run_id, "privacy.md", render_markdown(report_))
     tracking.log_json(client, run_id, "evaluation.json", {k: asdict(v) for k, v in metrics.items()})
 
     hr = metrics["model"].hit_rate
@@ -302,6 +361,7 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
         delta=headline.delta if headline else 0.0,
         hr_at_10=hr,
         validation_passed=validation.passed,
+        lifetime_epsilon=spent.epsilon,
     )
     decision, production = gate(client, config, version, candidate, policy_path)
     client.set_tag(run_id, "gate.decision", "promoted" if decision.promote else "rejected")
@@ -317,6 +377,10 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
         rows_quarantined=report["rows_quarantined"],
         privacy=headline.describe() if headline else "none (epsilon = inf)",
         epsilon=headline.epsilon if headline else float("inf"),
+        lifetime=(
+            f"cohort {cohort!r}: lifetime epsilon {spent.epsilon:.3f} of {policy.max_lifetime_epsilon:g} "
+            f"over {spent.runs} run(s) ({spent.accountant}); ledger: python -m flows.ops ledger"
+        ),
         hr_at_10=hr,
         popularity_hr_at_10=metrics["popularity"].hit_rate,
         tracking_uri=tracking.tracking_uri(),

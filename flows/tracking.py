@@ -88,9 +88,13 @@ def set_run_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> Non
 
 
 def log_json(client: MlflowClient, run_id: str, name: str, payload: Any, artifact_path: str | None = None) -> None:
+    log_text(client, run_id, name, json.dumps(payload, indent=2, default=str), artifact_path)
+
+
+def log_text(client: MlflowClient, run_id: str, name: str, text: str, artifact_path: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
-        path.write_text(json.dumps(payload, indent=2, default=str))
+        path.write_text(text)
         client.log_artifact(run_id, str(path), artifact_path)
 
 
