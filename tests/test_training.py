@@ -13,7 +13,7 @@ from fedml.data.ids import IdMap
 from fedml.data.split import leave_last_out
 from fedml.privacy.accountant import gaussian_epsilon
 from fedml.privacy.dpsgd import poisson_schedule
-from fedml.training import apply_local_dp, train_model
+from fedml.training import apply_local_dp, planned_spend, train_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,9 +35,18 @@ def test_central_dp_sgd_states_a_record_level_epsilon_from_the_accountant() -> N
         "training.mode=central", "privacy.dp_sgd.enabled=true", "privacy.dp_sgd.epochs=2",
         "privacy.dp_sgd.batch_size=64", "privacy.dp_sgd.noise_multiplier=1.1", "model.dim=8",
     ])  # fmt: skip
+    planned = planned_spend(split.train, config, None)
     outcome = train_model(split.train, config)
     statement = outcome.headline
     assert statement is not None and statement.unit == "record"
+    # the ledger's plan, made before training, is what training then spends
+    charge = planned.charge
+    assert planned.unit == "record"
+    assert (charge.noise_multiplier, charge.sample_rate, charge.steps) == (
+        statement.noise_multiplier,
+        statement.sample_rate,
+        statement.steps,
+    )
     q, steps = poisson_schedule(split.train.nnz, 64, 2)
     assert statement.epsilon == pytest.approx(gaussian_epsilon(1.1, q, steps, config.privacy.delta), rel=1e-9)
     assert outcome.table.n_items == ids.n_items and len(outcome.epoch_losses) == 2
@@ -67,3 +76,22 @@ def test_local_dp_composes_both_mechanisms_and_flips_bits_at_the_stated_rate() -
     # randomized response keeps most true bits: the noisy data still carries each shopper's signal
     kept = sum(len(np.intersect1d(noisy.of(u), split.train.of(u))) for u in range(ids.n_users))
     assert kept / true_bits == pytest.approx(1 - flip, abs=0.03)
+
+
+def test_planned_spend_for_each_mechanism() -> None:
+    frame = ratings_frame()
+    split = leave_last_out(frame, IdMap.from_frame(frame))
+    fedavg = planned_spend(split.train, load_config(None, ["federated.rounds=7", "federated.client_rate=0.3"]), None)
+    assert fedavg.unit == "user"
+    assert (fedavg.charge.noise_multiplier, fedavg.charge.sample_rate, fedavg.charge.steps) == (1.0, 0.3, 7)
+    calibrated = load_config(None, ["training.mode=central", "privacy.dp_sgd.enabled=true",
+                                    "privacy.dp_sgd.target_epsilon=2.0", "privacy.dp_sgd.batch_size=64"])  # fmt: skip
+    plan = planned_spend(split.train, calibrated, None)
+    eps = gaussian_epsilon(plan.charge.noise_multiplier, plan.charge.sample_rate, plan.charge.steps, 1e-5)
+    assert 1.98 <= eps <= 2.0
+    no_dp = load_config(None, ["privacy.dp_fedavg.enabled=false"])
+    assert planned_spend(split.train, no_dp, None).charge.noise_multiplier == 0.0  # an infinite charge
+    local = load_config(None, ["privacy.dp_fedavg.enabled=false", "privacy.local_dp.enabled=true"])
+    _, statement = apply_local_dp(split.train_frame, IdMap.from_frame(frame), local, seed=1)
+    plan = planned_spend(split.train, local, statement)
+    assert plan.unit == "record" and plan.charge.pure_epsilon == statement.epsilon
