@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fedml.federated.client import ClientUpdate
+from fedml.privacy.secure_noise import NoiseSource, as_noise_source
 
 
 @dataclass
@@ -149,13 +150,17 @@ class DPFedAvg(_WeightedDeltaSum):
 
     ``expected_weight`` is q * W, the expected total weight of a round (W = sum of every shopper's
     capped weight). Like the population size, it is treated as public.
+
+    ``generator`` is where the noise comes from: a seeded ``torch.Generator`` (reproducible runs) or a
+    :class:`~fedml.privacy.secure_noise.NoiseSource`, e.g. ``SecureNoise()`` for production, whose
+    noise is unseeded and hardened against floating-point attacks.
     """
 
     clip_norm: float
     noise_multiplier: float
     weight_cap: float
     expected_weight: float
-    generator: torch.Generator
+    generator: torch.Generator | NoiseSource
 
     @classmethod
     def for_population(
@@ -166,7 +171,7 @@ class DPFedAvg(_WeightedDeltaSum):
         clip_norm: float,
         noise_multiplier: float,
         weight_cap: float,
-        generator: torch.Generator,
+        generator: torch.Generator | NoiseSource,
     ) -> DPFedAvg:
         """The aggregator for a population with these per-shopper example counts, sampled at ``client_rate``."""
         weights = np.minimum(np.asarray(counts, dtype=np.float64) / weight_cap, 1.0)
@@ -183,12 +188,13 @@ class DPFedAvg(_WeightedDeltaSum):
     def _finish(self, acc: _Accumulator, num_examples: np.ndarray, device: str) -> None:
         std = self.noise_multiplier * self.clip_norm
         if std > 0:
-            acc.embeddings += _gaussian(acc.embeddings.shape, std, self.generator, device)
-            acc.bias += _gaussian(acc.bias.shape, std, self.generator, device)
+            noise = as_noise_source(self.generator)
+            acc.embeddings += noise.gaussian(acc.embeddings.shape, std, dtype=torch.float64, device=device)
+            acc.bias += noise.gaussian(acc.bias.shape, std, dtype=torch.float64, device=device)
         acc.embeddings /= self.expected_weight
         acc.bias /= self.expected_weight
 
-
-def _gaussian(shape: torch.Size, std: float, generator: torch.Generator, device: str) -> torch.Tensor:
-    noise = torch.randn(shape, dtype=torch.float64, generator=generator)
-    return (noise * std).to(device)
+    @property
+    def secure_noise(self) -> bool:
+        """Whether the noise comes from a CSPRNG (``SecureNoise``) rather than a seeded generator."""
+        return as_noise_source(self.generator).secure

@@ -15,18 +15,29 @@ wrong axis. :class:`RecordLoss` therefore sums over the ``1 + K`` columns itself
 The model has private user embeddings ``[n_users, dim]`` (discarded after training; serving folds
 users in) and the global item table (embeddings initialised from ``init``, biases). Optimiser:
 Adam (see :func:`train_central`).
+
+Secure noise (``train_central(..., secure_noise=True)``): Opacus's own ``secure_mode=True`` needs the
+``torchcsprng`` package, whose last release (0.2.1, 2021) pins ``torch==1.8.1`` and ships wheels for
+CPython 3.6-3.9 only, so it cannot be installed next to torch 2.13. Instead
+:class:`NoiseSourcePrivacyEngine` makes Opacus draw from a
+:class:`~fedml.privacy.secure_noise.NoiseSource`: the optimiser class Opacus picks for ghost clipping
+is subclassed to take its Gaussian noise from the source (:class:`NoiseSourceDPOptimizer`, the same
+sum-of-four hardening as ``secure_mode``), and the Poisson sampling of the batches draws its
+Bernoulli(q) masks from the source (:class:`NoiseSourcePoissonSampler`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -34,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedml.data.interactions import UserItems
 from fedml.models.mf import ItemTable
 from fedml.privacy.accountant import SubsampledGaussianAccountant, calibrate_noise_multiplier
+from fedml.privacy.secure_noise import NoiseSource, SecureNoise
 from fedml.privacy.statement import PrivacyStatement
 
 MECHANISM = "dp-sgd (opacus, ghost clipping)"
@@ -144,6 +156,7 @@ def train_central(
     delta: float = 1e-5,
     accountant: str = "rdp",
     progress: Progress | None = None,
+    secure_noise: bool = False,
 ) -> CentralTrainingResult:
     """Train matrix factorisation on pooled records; return only the item table.
 
@@ -159,8 +172,11 @@ def train_central(
     per-coordinate scaling trained the non-private model well at 0.01–0.05. Under DP noise the
     loss rose again at 0.05 in trials (every row receives noise every step), 0.01 kept falling.
     Deterministic for a given ``seed`` (Opacus secure_mode off; all randomness from seeded
-    generators). ``progress(epoch, loss, epsilon)`` is called after each epoch (``epoch`` counts
-    from 1, ``epsilon`` is None when not private).
+    generators) unless ``secure_noise=True`` (production): then the DP noise and the Poisson batch
+    sampling come from the OS CSPRNG (:class:`~fedml.privacy.secure_noise.SecureNoise`) and runs are
+    not reproducible. Model initialisation and the negatives stay seeded: they do not depend on the
+    data, so the guarantee does not rest on keeping them secret. ``progress(epoch, loss, epsilon)``
+    is called after each epoch (``epoch`` counts from 1, ``epsilon`` is None when not private).
     """
     if user_items.n_items != init.n_items:
         raise ValueError(f"init has {init.n_items} items, data has {user_items.n_items}")
@@ -186,7 +202,7 @@ def train_central(
         model, loader, optimizer, l2=l2, epochs=epochs, negatives=negatives,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         target_epsilon=target_epsilon, delta=delta, accountant=accountant,
-        noise_generator=gens["noise"], progress=progress,
+        noise=SecureNoise() if secure_noise else gens["noise"], progress=progress,
     )  # fmt: skip
 
 
@@ -215,7 +231,7 @@ def _train_private(
     target_epsilon: float,
     delta: float,
     accountant: str,
-    noise_generator: torch.Generator,
+    noise: torch.Generator | NoiseSource,
     progress: Progress | None,
 ) -> CentralTrainingResult:
     q, total_steps = poisson_schedule(len(loader.dataset), loader.batch_size, epochs)
@@ -225,7 +241,10 @@ def _train_private(
         noise_multiplier = calibrate_noise_multiplier(target_epsilon, q, total_steps, delta, accountant)
     ledger = SubsampledGaussianAccountant(noise_multiplier, q, accountant)  # type: ignore[arg-type]
     with _quiet_opacus():
-        engine = PrivacyEngine(accountant=accountant)
+        if isinstance(noise, NoiseSource):
+            engine, noise_generator = NoiseSourcePrivacyEngine(noise, accountant=accountant), None
+        else:
+            engine, noise_generator = PrivacyEngine(accountant=accountant), noise
         dp_model, dp_optimizer, dp_criterion, dp_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -236,8 +255,9 @@ def _train_private(
             grad_sample_mode="ghost",
             noise_generator=noise_generator,
         )
-        if not math.isclose(dp_loader.sample_rate, q):
-            raise RuntimeError(f"Opacus samples at q={dp_loader.sample_rate}, expected {q}")
+        sample_rate = dp_loader.batch_sampler.sample_rate
+        if not math.isclose(sample_rate, q):
+            raise RuntimeError(f"Opacus samples at q={sample_rate}, expected {q}")
 
         def report(epoch: int, loss: float) -> None:
             if progress is not None:
@@ -259,6 +279,118 @@ def _train_private(
         steps=ledger.steps,
     )
     return CentralTrainingResult(model.item_table(), statement, losses, float(noise_multiplier))
+
+
+class NoiseSourceDPOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus's ghost-clipping DP optimiser with its Gaussian noise drawn from a :class:`NoiseSource`
+    (the only change: ``add_noise``; clipping, scaling and the accountant hook are Opacus 1.6's)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: NoiseSource, **kwargs) -> None:
+        super().__init__(optimizer, **kwargs)
+        self.noise_source = noise_source
+
+    def add_noise(self) -> None:
+        """``p.grad = p.summed_grad + N(0, (noise_multiplier · max_grad_norm)²)`` for every parameter."""
+        multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)  # as Opacus does
+        std = multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            summed = p.summed_grad
+            noise = self.noise_source.gaussian(summed.shape, std, dtype=summed.dtype, device=summed.device)
+            p.grad = (summed + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+class NoiseSourcePoissonSampler(UniformWithReplacementSampler):
+    """Opacus's Poisson batch sampler (each record in each of ``steps`` batches independently with
+    probability ``sample_rate``) with its Bernoulli masks drawn from a :class:`NoiseSource`."""
+
+    def __init__(self, *, num_samples: int, sample_rate: float, steps: int, noise_source: NoiseSource) -> None:
+        super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
+        self.noise_source = noise_source
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            yield np.flatnonzero(self.noise_source.uniform(self.num_samples) < self.sample_rate).tolist()
+
+
+class NoiseSourcePrivacyEngine(PrivacyEngine):
+    """A ``PrivacyEngine`` whose noise and Poisson sampling come from ``noise_source`` (e.g.
+    :class:`~fedml.privacy.secure_noise.SecureNoise`) instead of ``torch.Generator``s; the clipping
+    and the accountant are Opacus's. Supports what this module uses: flat ghost clipping, one
+    process, Poisson sampling."""
+
+    def __init__(self, noise_source: NoiseSource, *, accountant: str = "prv") -> None:
+        super().__init__(accountant=accountant, secure_mode=False)
+        self.noise_source = noise_source
+
+    def _prepare_optimizer(
+        self,
+        *,
+        optimizer: torch.optim.Optimizer,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        loss_reduction: str = "mean",
+        distributed: bool = False,
+        clipping: str = "flat",
+        noise_generator: torch.Generator | None = None,
+        grad_sample_mode: str = "hooks",
+        **kwargs,
+    ) -> DPOptimizer:
+        if (clipping, distributed, grad_sample_mode) != ("flat", False, "ghost"):
+            raise ValueError(
+                "NoiseSourcePrivacyEngine supports clipping='flat', grad_sample_mode='ghost' on one process; got "
+                f"clipping={clipping!r}, grad_sample_mode={grad_sample_mode!r}, distributed={distributed}"
+            )
+        if noise_generator is not None:
+            raise ValueError("noise_generator cannot be combined with a noise source")
+        if isinstance(optimizer, DPOptimizer):
+            optimizer = optimizer.original_optimizer
+        return NoiseSourceDPOptimizer(
+            optimizer,
+            noise_source=self.noise_source,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction=loss_reduction,
+            **kwargs,
+        )
+
+    def _prepare_data_loader(
+        self,
+        data_loader: DataLoader,
+        *,
+        poisson_sampling: bool,
+        distributed: bool,
+        batch_first: bool = True,
+        rand_on_empty: bool = False,
+    ) -> DataLoader:
+        if not poisson_sampling or distributed:
+            raise ValueError("NoiseSourcePrivacyEngine supports Poisson sampling on one process only")
+        # Opacus's DPDataLoader supplies q, the step count and the empty-batch-aware collate_fn
+        dp_loader = super()._prepare_data_loader(
+            data_loader, poisson_sampling=True, distributed=False, batch_first=batch_first, rand_on_empty=rand_on_empty
+        )
+        opacus_sampler = dp_loader.batch_sampler
+        sampler = NoiseSourcePoissonSampler(
+            num_samples=opacus_sampler.num_samples,
+            sample_rate=opacus_sampler.sample_rate,
+            steps=opacus_sampler.steps,
+            noise_source=self.noise_source,
+        )
+        return DataLoader(
+            dataset=dp_loader.dataset,
+            batch_sampler=sampler,
+            num_workers=dp_loader.num_workers,
+            collate_fn=dp_loader.collate_fn,
+            pin_memory=dp_loader.pin_memory,
+            timeout=dp_loader.timeout,
+            worker_init_fn=dp_loader.worker_init_fn,
+            multiprocessing_context=dp_loader.multiprocessing_context,
+            prefetch_factor=dp_loader.prefetch_factor,
+            persistent_workers=dp_loader.persistent_workers,
+        )
 
 
 class _quiet_opacus(warnings.catch_warnings):
@@ -343,6 +475,9 @@ __all__ = [
     "MECHANISM",
     "CentralTrainingResult",
     "MFModel",
+    "NoiseSourceDPOptimizer",
+    "NoiseSourcePoissonSampler",
+    "NoiseSourcePrivacyEngine",
     "RecordDataset",
     "RecordLoss",
     "WithNegatives",

@@ -7,6 +7,10 @@
 
 Both are pure ε-DP per *record* (one rating, one presence bit). A shopper who differs in k
 records is protected at k·ε (basic composition, :func:`~fedml.privacy.statement.compose_pure`).
+
+Randomness: ``rng`` is a seeded ``numpy.random.Generator`` (reproducible) or any
+:class:`~fedml.privacy.secure_noise.NoiseSource`; pass :class:`~fedml.privacy.secure_noise.SecureNoise`
+in production so that nobody holding the run's seed can replay the noise.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import numpy as np
 
 from fedml.data.interactions import UserItems
+from fedml.privacy.secure_noise import NoiseSource, as_noise_source
 from fedml.privacy.statement import PrivacyStatement
 
 _GRID_STEPS = 1000  # default rating grid: (high - low) / 1000
@@ -26,7 +31,7 @@ def laplace_ratings(
     epsilon: float,
     low: float,
     high: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator | NoiseSource,
     *,
     resolution: float | None = None,
 ) -> np.ndarray:
@@ -45,7 +50,9 @@ def laplace_ratings(
     sensitivity is ``(high - low) / resolution`` grid steps, so this is ε-DP, and every output is a
     grid point reachable from every input: no support leak. The residual caveat is that numpy's
     geometric sampler uses floating point, so the probabilities (not the support) are only
-    accurate to ~1e-16 relative; an exact sampler (Canonne, Kamath, Steinke 2020) would remove that.
+    accurate to ~1e-16 relative (so are those of the inversion sampler of
+    :class:`~fedml.privacy.secure_noise.SecureNoise`, whose bits come from the OS CSPRNG); an exact
+    sampler (Canonne, Kamath, Steinke 2020) would remove that.
     As ``resolution -> 0`` the noise tends to a continuous Laplace(b): mean |Z| ≈ b, var ≈ 2b².
 
     NaN entries (no explicit rating) stay NaN.
@@ -59,7 +66,7 @@ def laplace_ratings(
     ratings = np.asarray(ratings, dtype=np.float64)
     present = ~np.isnan(ratings)
     k = np.rint((np.clip(ratings[present], low, high) - low) / resolution).astype(np.int64)
-    noisy = np.clip(k + _discrete_laplace(epsilon / n_steps, k.shape, rng), 0, n_steps)
+    noisy = np.clip(k + _discrete_laplace(epsilon / n_steps, k.shape, as_noise_source(rng)), 0, n_steps)
     out = np.full(ratings.shape, np.nan)
     out[present] = np.minimum(low + noisy * resolution, high)
     return out
@@ -76,7 +83,7 @@ def discrete_laplace_moments(
     return mean_abs * resolution, var * resolution**2
 
 
-def randomized_response(user_items: UserItems, epsilon: float, rng: np.random.Generator) -> UserItems:
+def randomized_response(user_items: UserItems, epsilon: float, rng: np.random.Generator | NoiseSource) -> UserItems:
     """Unary-encoding randomized response on every (shopper, item) bit: keep each bit with
     probability ``e^ε / (1 + e^ε)``, flip it with ``1 / (1 + e^ε)``.
 
@@ -85,15 +92,16 @@ def randomized_response(user_items: UserItems, epsilon: float, rng: np.random.Ge
     absent ones are added.
     """
     p_flip = flip_probability(epsilon)
+    noise = as_noise_source(rng)
     n_items = user_items.n_items
     counts = user_items.counts()
-    keep = rng.random(user_items.nnz) >= p_flip
-    n_added = rng.binomial(n_items - counts, p_flip)
+    keep = noise.uniform(user_items.nnz) >= p_flip
+    n_added = noise.binomial(n_items - counts, p_flip)
     rows: list[np.ndarray] = []
     for user in range(user_items.n_users):
         start, stop = user_items.indptr[user], user_items.indptr[user + 1]
         history = user_items.items[start:stop]
-        added = _uniform_absent(np.sort(history), n_items, int(n_added[user]), rng)
+        added = _uniform_absent(np.sort(history), n_items, int(n_added[user]), noise)
         rows.append(np.concatenate([history[keep[start:stop]], added]))
     lengths = np.array([len(r) for r in rows], dtype=np.int64)
     users = np.repeat(np.arange(user_items.n_users, dtype=np.int64), lengths)
@@ -145,17 +153,17 @@ def _grid_steps(low: float, high: float, resolution: float) -> int:
     return n
 
 
-def _discrete_laplace(a: float, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+def _discrete_laplace(a: float, shape: tuple[int, ...], noise: NoiseSource) -> np.ndarray:
     """Integer noise with ``P(Z = z) ∝ exp(-a·|z|)``: difference of two geometric variables."""
     p = -math.expm1(-a)  # 1 - e^{-a}, success probability of each geometric draw
-    return rng.geometric(p, size=shape) - rng.geometric(p, size=shape)
+    return noise.geometric(p, shape) - noise.geometric(p, shape)
 
 
-def _uniform_absent(history: np.ndarray, n_items: int, k: int, rng: np.random.Generator) -> np.ndarray:
+def _uniform_absent(history: np.ndarray, n_items: int, k: int, noise: NoiseSource) -> np.ndarray:
     """``k`` distinct items drawn uniformly from those not in the sorted ``history``."""
     if k == 0:
         return np.zeros(0, dtype=np.int64)
-    ranks = rng.choice(n_items - len(history), size=k, replace=False)
+    ranks = noise.choice_without_replacement(n_items - len(history), k)
     # the r-th absent item is r + #{h in history : h - (its position) <= r}
     shifted = history - np.arange(len(history))
     return ranks + np.searchsorted(shifted, ranks, side="right")
