@@ -93,6 +93,8 @@ class PrivacyConfig:
     # the shoppers whose data the run uses, for the lifetime budget ledger; empty: the data source's name.
     # Name it for production (scheduled runs over new exports of the same shoppers must share it).
     cohort: str = ""
+    # noise from the OS CSPRNG, hardened against floating-point attacks (not reproducible): for production
+    secure_noise: bool = False
     # Training loss, update norms and clipped fractions are computed from raw data and are NOT
     # covered by epsilon: under a central DP mechanism they are published only when this is true.
     publish_diagnostics: bool = False

@@ -30,6 +30,7 @@ from fedml.privacy.local_dp import (
     randomized_response,
     randomized_response_statement,
 )
+from fedml.privacy.secure_noise import SecureNoise
 from fedml.privacy.statement import PrivacyStatement, compose_pure
 
 RATING_RANGE = (1.0, 5.0)
@@ -60,7 +61,7 @@ def apply_local_dp(
     every (shopper, item) presence bit goes through randomized response. Both are pure-epsilon per
     record; they compose by addition on the same record.
     """
-    rng = np.random.default_rng(seed)
+    rng = SecureNoise() if config.privacy.secure_noise else np.random.default_rng(seed)
     ldp = config.privacy.local_dp
     frame = train_frame.copy()
     statements = []
@@ -165,7 +166,9 @@ def _train_federated(
             clip_norm=dp.clip_norm,
             noise_multiplier=dp.noise_multiplier,
             weight_cap=dp.weight_cap,
-            generator=torch.Generator().manual_seed(config.training.seed + 1),
+            generator=SecureNoise()
+            if privacy.secure_noise
+            else torch.Generator().manual_seed(config.training.seed + 1),
         )
         accountant = SubsampledGaussianAccountant(dp.noise_multiplier, fed.client_rate, privacy.accountant)
     else:
@@ -225,5 +228,6 @@ def _train_central(
         delta=privacy.delta,
         accountant=privacy.accountant,
         progress=on_epoch,
+        secure_noise=privacy.secure_noise,
     )
     return result.table, result.statement, [], list(result.losses)

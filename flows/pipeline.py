@@ -320,7 +320,7 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
     headline = outcome.headline
     report_ = build_report(
         headline, outcome.local, cohort=cohort, lifetime=spent, lifetime_budget=policy.max_lifetime_epsilon,
-        publishes_diagnostics=config.publishes_diagnostics(),
+        secure_noise=config.privacy.secure_noise, publishes_diagnostics=config.publishes_diagnostics(),
     )  # fmt: skip
     privacy_tags = {
         **tracking.privacy_tags(headline, outcome.local),
@@ -330,6 +330,7 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
         "privacy.lifetime_accountant": spent.accountant,
         "privacy.lifetime_budget": repr(policy.max_lifetime_epsilon),
         "privacy.ledger_entry": entry.entry_id,
+        "privacy.secure_noise": str(config.privacy.secure_noise).lower(),
     }
     quality = {**metrics["model"].as_metrics("quality/"), **metrics["popularity"].as_metrics("baseline/popularity/")}
     tracking.log_metrics(client, run_id, quality)

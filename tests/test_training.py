@@ -95,3 +95,19 @@ def test_planned_spend_for_each_mechanism() -> None:
     _, statement = apply_local_dp(split.train_frame, IdMap.from_frame(frame), local, seed=1)
     plan = planned_spend(split.train, local, statement)
     assert plan.unit == "record" and plan.charge.pure_epsilon == statement.epsilon
+
+
+def test_secure_noise_flag_reaches_dp_fedavg_and_local_dp() -> None:
+    frame = ratings_frame()
+    ids = IdMap.from_frame(frame)
+    split = leave_last_out(frame, ids)
+    base = ["federated.rounds=2", "federated.client_rate=0.5", "model.dim=8"]
+    seeded = [train_model(split.train, load_config(None, base)) for _ in range(2)]
+    secure = [train_model(split.train, load_config(None, [*base, "privacy.secure_noise=true"])) for _ in range(2)]
+    assert seeded[0].table.embeddings.equal(seeded[1].table.embeddings)  # seeded: reproducible
+    assert not secure[0].table.embeddings.equal(secure[1].table.embeddings)  # secure: fresh OS randomness
+    assert secure[0].headline.epsilon == seeded[0].headline.epsilon  # same mechanism, same guarantee
+    local = load_config(None, ["privacy.local_dp.enabled=true", "privacy.secure_noise=true"])
+    first, _ = apply_local_dp(split.train_frame, ids, local, seed=1)
+    second, _ = apply_local_dp(split.train_frame, ids, local, seed=1)
+    assert not (np.array_equal(first.items, second.items) and np.array_equal(first.indptr, second.indptr))
