@@ -28,6 +28,8 @@ class Recommendation:
     items: list[str]
     scores: list[float]
     unknown_items: list[str] = field(default_factory=list)
+    # per recommended item: the history item most like it (embedding dot product); None on a cold start
+    because: list[str | None] = field(default_factory=list)
 
 
 @dataclass
@@ -83,7 +85,11 @@ class Recommender:
         np.savez(directory / WEIGHTS_FILE, **self.table.to_numpy())
         # item ids only: the published model carries no shopper ids
         IdMap(users=[], items=list(self.ids.items)).to_json(directory / IDS_FILE)
-        settings = {"negatives": self.negatives, "fold_in_l2": self.fold_in_l2, "fold_in_iterations": self.fold_in_iterations}
+        settings = {
+            "negatives": self.negatives,
+            "fold_in_l2": self.fold_in_l2,
+            "fold_in_iterations": self.fold_in_iterations,
+        }
         atomic_write_text(directory / SETTINGS_FILE, json.dumps(settings, indent=2))
         return directory
 
@@ -94,3 +100,150 @@ class Recommender:
             table = ItemTable.from_numpy(dict(arrays))
         settings = json.loads((directory / SETTINGS_FILE).read_text())
         return cls(table=table, ids=IdMap.from_json(directory / IDS_FILE), **settings)
+
+
+class ServingIndex:
+    """The serving hot path: the same fold-in optimum as :meth:`Recommender.score`, for a batch of requests.
+
+    :func:`fedml.models.mf.fold_in` takes exact Newton steps, whose Hessians cost ``n_items * dim^2``
+    per shopper; on a large catalogue that dominates a request. Here the Hessian is split: the
+    history's own terms (a few items) are exact at every step, and the whole-catalogue negative term
+    starts exact at ``p = 0`` (precomputed once per model) and is then updated by BFGS from the exact
+    gradients. So the first step is fold-in's first Newton step and each later one costs two passes
+    over the float32 item matrix. A shopper stops once a step moves no coordinate more than
+    ``tolerance``; the scores returned are those at the final vector. Same objective, same optimum:
+    the result agrees with a converged ``fold_in`` to about the tolerance.
+    """
+
+    def __init__(self, recommender: Recommender, tolerance: float = 1e-4, max_steps: int = 30) -> None:
+        self.recommender = recommender
+        self.tolerance = tolerance
+        self.max_steps = max_steps
+        table = recommender.table
+        self.q = table.embeddings.detach().to("cpu", torch.float32).contiguous()
+        self.q_t = self.q.T.contiguous()
+        self.b = table.bias.detach().to("cpu", torch.float32).contiguous()
+        self.q64 = self.q.double()
+        s0 = torch.sigmoid(self.b.double())
+        self.w0 = s0 * (1.0 - s0)  # curvature of every item's loss at p = 0
+        self.hessian0 = (self.q64 * self.w0[:, None]).T @ self.q64  # summed over the whole catalogue
+
+    @property
+    def n_items(self) -> int:
+        return int(self.q.shape[0])
+
+    def recommend_many(self, histories: list[list[str]], ks: list[int]) -> list[Recommendation]:
+        """Top-``ks[r]`` unseen items for each history, with the history item each is most like."""
+        if len(ks) != len(histories):
+            raise ValueError(f"one k per history: {len(ks)} ks for {len(histories)} histories")
+        if any(k < 1 for k in ks):
+            raise ValueError(f"k must be at least 1, got {min(ks)}")
+        if not histories:
+            return []
+        known, unknown = [], []
+        for history in histories:
+            history = [str(i) for i in history]
+            indices = self.recommender.ids.item_index(history, errors="ignore")
+            known.append(np.unique(indices[indices >= 0]))
+            unknown.append([i for i, idx in zip(history, indices) if idx < 0])
+        with torch.no_grad():
+            scores = self.scores(known)
+            for row, seen in enumerate(known):
+                scores[row, torch.as_tensor(seen, dtype=torch.long)] = -torch.inf
+            top_values, top_indices = torch.topk(scores, k=min(max(ks), self.n_items), dim=1)
+        results = []
+        for row, (seen, k) in enumerate(zip(known, ks)):
+            take = min(k, self.n_items - len(seen))
+            indices = top_indices[row, :take]
+            results.append(
+                Recommendation(
+                    items=self.recommender.ids.item_ids(indices.numpy()),
+                    scores=top_values[row, :take].tolist(),
+                    unknown_items=unknown[row],
+                    because=self._because(seen, indices),
+                )
+            )
+        return results
+
+    def _because(self, seen: np.ndarray, indices: torch.Tensor) -> list[str | None]:
+        """For each recommended item, the history item with the largest embedding dot product."""
+        if len(seen) == 0:
+            return [None] * len(indices)
+        closest = (self.q[indices] @ self.q[torch.as_tensor(seen, dtype=torch.long)].T).argmax(dim=1)
+        return self.recommender.ids.item_ids(seen[closest.numpy()])
+
+    def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """``[len(histories), n_items]`` scores at each shopper's folded-in vector (histories: unique indices)."""
+        rec, n, dim = self.recommender, self.n_items, self.q.shape[1]
+        out = self.b.repeat(len(histories), 1)  # an empty history's optimum is p = 0: the biases
+        rows = [r for r, h in enumerate(histories) if len(h)]
+        if not rows:
+            return out
+        width = max(len(histories[r]) for r in rows)
+        hist = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.float64)
+        for j, r in enumerate(rows):
+            hist[j, : len(histories[r])] = torch.as_tensor(histories[r], dtype=torch.long)
+            mask[j, : len(histories[r])] = 1.0
+        sizes = mask.sum(1)
+        c = rec.negatives * sizes / (n - sizes).clamp(min=1.0)  # expected negative weight, as in fold_in
+        q_hist = self.q64[hist] * mask[..., None]  # [rows, width, dim]; padding rows are zero
+        eye = rec.fold_in_l2 * torch.eye(dim, dtype=torch.float64)
+        # negative term over every item but the history's: exact at p = 0, then BFGS
+        w_hist = self.w0[hist] * mask
+        neg_hessian = c[:, None, None] * (self.hessian0 - _weighted_gram(w_hist, q_hist))
+        p = torch.zeros(len(rows), dim, dtype=torch.float64)
+        z = self.b.expand(len(rows), n)
+        neg_grad, pos_grad, pos_hessian = self._terms(z, hist, mask, q_hist, c)
+        active = torch.arange(len(rows))
+        for _ in range(self.max_steps):
+            grad = neg_grad + pos_grad + rec.fold_in_l2 * p
+            step = -torch.linalg.solve(neg_hessian + pos_hessian + eye, grad.unsqueeze(-1)).squeeze(-1)
+            p = p + step
+            z = torch.addmm(self.b, p.float(), self.q_t)
+            new_neg_grad, pos_grad, pos_hessian = self._terms(z, hist, mask, q_hist, c)
+            done = step.abs().amax(dim=1) <= self.tolerance
+            out[[rows[i] for i in active[done].tolist()]] = z[done]
+            keep = ~done
+            if not keep.any():
+                return out
+            neg_hessian = _bfgs_update(neg_hessian, step, new_neg_grad - neg_grad)
+            active, p, z, neg_grad, pos_grad = active[keep], p[keep], z[keep], new_neg_grad[keep], pos_grad[keep]
+            neg_hessian, pos_hessian = neg_hessian[keep], pos_hessian[keep]
+            hist, mask, q_hist, c = hist[keep], mask[keep], q_hist[keep], c[keep]
+        out[[rows[i] for i in active.tolist()]] = z
+        return out
+
+    def _terms(
+        self, z: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor, q_hist: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """At scores ``z``: gradient of the negative term, gradient and Hessian of the history's own term."""
+        s = torch.sigmoid(z)
+        s_hist = s.gather(1, hist).double() * mask
+        neg_grad = c[:, None] * ((s @ self.q).double() - _weighted_sum(s_hist, q_hist))
+        pos_grad = _weighted_sum(s_hist - mask, q_hist)
+        pos_hessian = _weighted_gram(s_hist * (1.0 - s_hist), q_hist)
+        return neg_grad, pos_grad, pos_hessian
+
+
+def _weighted_sum(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``sum_l weights[r, l] * vectors[r, l]``: ``[rows, width] x [rows, width, dim] -> [rows, dim]``."""
+    return (weights.unsqueeze(1) @ vectors).squeeze(1)
+
+
+def _weighted_gram(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``sum_l weights[r, l] * outer(vectors[r, l])``: ``-> [rows, dim, dim]``."""
+    return (vectors * weights.unsqueeze(-1)).transpose(1, 2) @ vectors
+
+
+def _bfgs_update(hessian: torch.Tensor, step: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    """BFGS update of a batch of Hessian approximations from steps and gradient changes."""
+    hs = (hessian @ step.unsqueeze(-1)).squeeze(-1)
+    ys, shs = (change * step).sum(1), (step * hs).sum(1)
+    curved = (ys > 1e-12) & (shs > 1e-12)  # always on a convex loss, unless the step vanished
+    ys, shs = torch.where(curved, ys, 1.0), torch.where(curved, shs, 1.0)
+    update = (
+        change[:, :, None] * change[:, None, :] / ys[:, None, None]
+        - hs[:, :, None] * hs[:, None, :] / shs[:, None, None]
+    )
+    return hessian + update * curved[:, None, None]

@@ -1,0 +1,89 @@
+"""Serve the shopping guide: ``python -m fedml.serving --model shopping-guide --alias production``.
+
+The model comes from the MLflow registry at ``MLFLOW_TRACKING_URI`` (``--model`` / ``--alias``), or
+from a folder written by ``Recommender.save`` (``--model-dir``). ``FEDML_SERVE_TOKEN``, when set, is
+the bearer token that ``POST /recommend`` requires. With ``--workers N`` each worker process loads
+the model and polls for new versions on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from fedml.serving.api import ServiceSettings
+
+CONFIG_ENV = "FEDML_SERVE_CONFIG"  # how the options reach each worker process
+TOKEN_ENV = "FEDML_SERVE_TOKEN"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = ServiceSettings()
+    parser = argparse.ArgumentParser(prog="python -m fedml.serving", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shopping-guide", help="registered model name (default: %(default)s)")
+    parser.add_argument("--alias", default="production", help="registry alias to serve (default: %(default)s)")
+    parser.add_argument("--model-dir", help="serve a folder written by Recommender.save instead of the registry")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1, help="server processes (default: %(default)s)")
+    parser.add_argument("--poll-seconds", type=float, default=defaults.poll_seconds,
+                        help="how often to look for a new version (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
+    parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per worker (default: 1)")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    if not args.model_dir and not os.environ.get("MLFLOW_TRACKING_URI"):
+        parser.error(
+            "set MLFLOW_TRACKING_URI to the tracking server (the pipeline's embedded store is "
+            "sqlite:///$PWD/.fedml/mlflow.db; `make serve` uses it by default), or give --model-dir"
+        )
+    if args.workers < 1 or args.poll_seconds <= 0 or args.max_batch < 1 or args.torch_threads < 1:
+        parser.error("--workers, --max-batch and --torch-threads must be >= 1 and --poll-seconds > 0")
+    return args
+
+
+def create_app_from_environment() -> Any:
+    """The app factory uvicorn calls in each worker; options come from ``FEDML_SERVE_CONFIG``."""
+    import torch
+
+    from fedml.serving.api import create_app
+    from fedml.serving.source import DirectorySource
+
+    config = json.loads(os.environ[CONFIG_ENV])
+    torch.set_num_threads(config["torch_threads"])
+    if config.get("model_dir"):
+        source = DirectorySource(config["model_dir"], name=config["model"])
+    else:
+        from fedml.serving.registry import RegistrySource
+
+        source = RegistrySource(config["model"], config["alias"], tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
+    settings = ServiceSettings(
+        token=os.environ.get(TOKEN_ENV) or None, poll_seconds=config["poll_seconds"], max_batch=config["max_batch"]
+    )
+    return create_app(source, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = parse_args(argv)
+    os.environ[CONFIG_ENV] = json.dumps({
+        "model": args.model, "alias": args.alias, "model_dir": args.model_dir, "poll_seconds": args.poll_seconds,
+        "max_batch": args.max_batch, "torch_threads": args.torch_threads,
+    })  # fmt: skip
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    source = args.model_dir or f"models:/{args.model}@{args.alias} at {os.environ['MLFLOW_TRACKING_URI']}"
+    print(f"serving {source} on http://{args.host}:{args.port} ({args.workers} worker(s))", file=sys.stderr, flush=True)
+    uvicorn.run(
+        "fedml.serving.__main__:create_app_from_environment", factory=True, host=args.host, port=args.port,
+        workers=args.workers, access_log=args.access_log, log_level="info",
+    )  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

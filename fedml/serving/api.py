@@ -1,0 +1,321 @@
+"""The shopping guide over HTTP: ``POST /recommend``, health, readiness, the model's version, a page.
+
+``create_app(source)`` builds the service around any :class:`~fedml.serving.source.ModelSource`
+(the MLflow registry in production, see :mod:`fedml.serving.registry`; a directory or an
+in-memory recommender in tests and benchmarks). The source is polled in the background, so a new
+production version is served without a restart.
+
+Requests that arrive together are answered together: they queue, and one compute thread takes
+all that are waiting (up to ``max_batch``) as one batch, which turns the fold-in's passes over the
+item matrix into matrix products. Nobody waits for a batch to fill.
+"""
+
+# no "from __future__ import annotations": FastAPI reads the request model from a local annotation
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+
+from fedml.serving.recommender import Recommendation
+from fedml.serving.source import LoadedModel, ModelSlot, ModelSource
+
+logger = logging.getLogger(__name__)
+STATIC = resources.files("fedml.serving") / "static"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Limits and behaviour of the service (the CLI fills it from flags and the environment)."""
+
+    token: str | None = None  # when set, POST /recommend needs "Authorization: Bearer <token>"
+    max_items: int = 200  # history length limit
+    max_k: int = 100
+    max_item_id_length: int = 200
+    max_body_bytes: int = 32 * 1024
+    max_page: int = 200  # GET /items limit
+    poll_seconds: float = 10.0  # how often the source is asked for a new version
+    max_batch: int = 32
+
+
+# ------------------------------------------------------------------------------------ schemas
+
+
+class RecommendedItem(BaseModel):
+    item: str = Field(description="shop item id")
+    score: float = Field(description="model score (higher is better)")
+    because: str | None = Field(description="the history item most like this one; null on a cold start")
+    reason: str = Field(description="a short reason for people")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedItem]
+    unknown_items: list[str] = Field(description="history ids the model does not know (ignored)")
+    model: ModelRef
+
+
+class ItemsPage(BaseModel):
+    total: int = Field(description="items matching the search")
+    offset: int
+    limit: int
+    items: list[str]
+
+
+class VersionInfo(BaseModel):
+    name: str
+    version: str | None
+    loaded_at: str | None
+    n_items: int | None
+    privacy: dict[str, str] = Field(description="the version's privacy.* tags")
+    tags: dict[str, str] = Field(description="all tags of the served version")
+    last_check: float | None = Field(description="unix time the source was last asked for a new version")
+    reload_error: str | None = Field(description="why the last reload failed (the old model kept serving)")
+
+
+def _request_model(settings: ServiceSettings) -> type[BaseModel]:
+    item_id = Annotated[str, StringConstraints(min_length=1, max_length=settings.max_item_id_length)]
+    return create_model(
+        "RecommendRequest",
+        __config__=ConfigDict(extra="forbid"),
+        items=(
+            list[item_id],
+            Field(
+                max_length=settings.max_items, description="shop item ids the shopper recently viewed, carted or bought"
+            ),
+        ),
+        k=(int, Field(10, ge=1, le=settings.max_k, description="how many recommendations")),
+    )
+
+
+# ------------------------------------------------------------------------------------ batching
+
+
+class MicroBatcher:
+    """Runs ``compute`` on everything queued at once, in one background thread."""
+
+    def __init__(self, compute: Callable[[list[Any]], list[Any]], max_batch: int) -> None:
+        self.compute = compute
+        self.max_batch = max_batch
+        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._running = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recommend")
+
+    async def submit(self, request: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((request, future))
+        if not self._running:
+            self._running = True
+            loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                try:
+                    results = await loop.run_in_executor(self._executor, self.compute, [r for r, _ in batch])
+                except Exception as exc:  # every waiting request gets the error
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._running = False
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------ app
+
+
+def create_app(source: ModelSource, settings: ServiceSettings | None = None) -> FastAPI:
+    """The service around ``source``; the first load is tried at start-up, then polled."""
+    settings = settings or ServiceSettings()
+    slot = ModelSlot(source)
+    RecommendRequest = _request_model(settings)
+
+    def compute(requests: list[tuple[list[str], int]]) -> list[tuple[LoadedModel, Recommendation]]:
+        model = slot.model  # one model for the whole batch, even if a swap happens meanwhile
+        if model is None:
+            raise LookupError("no model loaded")
+        recommendations = model.index.recommend_many([items for items, _ in requests], [k for _, k in requests])
+        return [(model, rec) for rec in recommendations]
+
+    batcher = MicroBatcher(compute, settings.max_batch)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, slot.refresh)  # start-up waits for the first try only
+        poller = asyncio.create_task(_poll(slot, settings.poll_seconds))
+        try:
+            yield
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            batcher.close()
+
+    app = FastAPI(
+        title="fedml shopping guide",
+        description="Recommendations from a shopper's recent items, by a federated, differentially private model.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.slot = slot
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    def authorised(request: Request) -> None:
+        if settings.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), settings.token.encode()):
+            raise HTTPException(401, "a bearer token is required (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    def serving_model() -> LoadedModel:
+        if slot.model is None:
+            raise HTTPException(503, f"no model loaded yet ({slot.last_error or 'waiting for the first version'})")
+        return slot.model
+
+    @app.post("/recommend", response_model=RecommendResponse, dependencies=[Depends(authorised)],
+              responses={401: {}, 413: {}, 422: {}, 503: {}})  # fmt: skip
+    async def recommend(body: RecommendRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Top-k items for a shopper given by recent items; unknown ids are reported, not fatal."""
+        serving_model()
+        try:
+            model, rec = await batcher.submit((body.items, body.k))
+        except LookupError as exc:
+            raise HTTPException(503, str(exc)) from exc
+        return {
+            "items": [
+                {"item": item, "score": score, "because": because, "reason": _reason(because)}
+                for item, score, because in zip(rec.items, rec.scores, rec.because)
+            ],
+            "unknown_items": rec.unknown_items,
+            "model": {"name": model.name, "version": model.version},
+        }
+
+    @app.get("/items", response_model=ItemsPage)
+    def items(
+        q: Annotated[str, Query(max_length=settings.max_item_id_length, description="case-insensitive substring")] = "",
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=settings.max_page)] = 50,
+    ) -> dict[str, Any]:
+        """The catalogue, a page at a time, optionally only ids containing ``q``."""
+        model = serving_model()
+        catalogue = model.recommender.ids.items
+        matches = catalogue if not q else [item for item in catalogue if q.lower() in item.lower()]
+        return {"total": len(matches), "offset": offset, "limit": limit, "items": matches[offset : offset + limit]}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """The process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {}})
+    def readyz() -> dict[str, str]:
+        """A model is loaded (503 otherwise)."""
+        model = serving_model()
+        return {"status": "ready", "model": model.name, "version": model.version}
+
+    @app.get("/version", response_model=VersionInfo)
+    def version() -> dict[str, Any]:
+        """The served model: name, version, its privacy guarantee and other tags."""
+        model = slot.model
+        tags = {} if model is None else dict(model.tags)
+        return {
+            "name": source.name,
+            "version": None if model is None else model.version,
+            "loaded_at": None if model is None else model.loaded_at,
+            "n_items": None if model is None else model.index.n_items,
+            "privacy": {k: v for k, v in tags.items() if k.startswith("privacy.")},
+            "tags": tags,
+            "last_check": slot.last_check,
+            "reload_error": slot.last_error,
+        }
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    return app
+
+
+def _reason(because: str | None) -> str:
+    return "popular in the shop" if because is None else f"because you viewed {because}"
+
+
+async def _poll(slot: ModelSlot, seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(seconds)
+        await loop.run_in_executor(None, slot.refresh)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field in words, e.g. ``body.k: Input should be less than or equal to 100``."""
+    problems = [
+        {"field": ".".join(str(part) for part in error.get("loc", ())), "message": error.get("msg", "invalid")}
+        for error in exc.errors()
+    ]
+    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+    return JSONResponse({"detail": f"invalid request: {summary}", "errors": problems}, status_code=422)
+
+
+class BodySizeLimit:
+    """Refuses request bodies over ``max_bytes`` with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # FastAPI turns this into the 413 response
+                    raise HTTPException(413, f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _refuse(self, send: Callable) -> None:
+        response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
+        await response({"type": "http"}, None, send)  # type: ignore[arg-type]
