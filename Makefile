@@ -34,5 +34,20 @@ bench-engine: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.engine $(if $(QUICK),--quick) $(BENCH_ARGS)
 
+# The shopping guide over HTTP (fedml/serving): models:/$(MODEL)@$(ALIAS) from MLFLOW_TRACKING_URI, by default
+# the pipeline's embedded store. FEDML_SERVE_TOKEN, when set, guards POST /recommend. SERVE_ARGS: more flags.
+.PHONY: serve bench-serve
+MODEL ?= shopping-guide
+ALIAS ?= production
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve: $(STAMP)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$${FEDML_HOME:-$(CURDIR)/.fedml}/mlflow.db} \
+	$(PY) -m fedml.serving --model $(MODEL) --alias $(ALIAS) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+# Load test of the serving API on loopback (bench/serve.py): writes bench/results/serve.json.
+bench-serve: $(STAMP)
+	$(PY) -m bench.serve $(BENCH_ARGS)
+
 clean:
 	rm -rf .fedml .pytest_cache
