@@ -87,6 +87,18 @@ class LocalDPConfig:
 
 
 @dataclass
+class AuditConfig:
+    """One-run canary audit (Steinke, Nasr & Jagielski 2023) of the central DP mechanism."""
+
+    enabled: bool = True
+    canaries: int = 1000  # m: fake shoppers, each with its own fake product, included with probability 1/2
+    items_per_canary: int = 1  # 1: a canary is one shopper and one record (valid for DP-SGD too)
+    seed: int = 1234  # the auditor's secret draw of which canaries are in
+    confidence: float = 0.95
+    guesses: Literal["planned", "grid"] = "planned"  # planned: one guess count fixed from the config
+
+
+@dataclass
 class PrivacyConfig:
     delta: float = 1e-5
     accountant: Literal["rdp", "prv"] = "rdp"  # the one the gate and the ledger use; both are reported
@@ -101,6 +113,7 @@ class PrivacyConfig:
     dp_fedavg: DPFedAvgConfig = field(default_factory=DPFedAvgConfig)
     dp_sgd: DPSGDConfig = field(default_factory=DPSGDConfig)
     local_dp: LocalDPConfig = field(default_factory=LocalDPConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 @dataclass

@@ -23,6 +23,16 @@ from fedml.federated.client import LocalTraining
 from fedml.federated.rounds import RoundReport, ShardRunner, run_in_process, train_federated
 from fedml.models.mf import ItemTable, init_item_table
 from fedml.privacy.accountant import SubsampledGaussianAccountant, calibrate_noise_multiplier
+from fedml.privacy.audit import (
+    AuditResult,
+    CanarySet,
+    audit,
+    canary_initial_table,
+    planned_guesses,
+    plant_canaries,
+    score_canaries,
+    strip_canaries,
+)
 from fedml.privacy.ledger import Charge
 from fedml.privacy.local_dp import (
     laplace_ratings,
@@ -45,6 +55,7 @@ class TrainingOutcome:
     local: PrivacyStatement | None  # local DP applied to the raw data before training
     rounds: list[RoundReport] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
+    audit: AuditResult | None = None  # the empirical audit of the central mechanism, when it ran
 
     @property
     def headline(self) -> PrivacyStatement | None:
@@ -119,10 +130,31 @@ def planned_spend(data: UserItems, config: RunConfig, local_statement: PrivacySt
     return PlannedSpend("user", Charge("none (no differential privacy)", 0.0, 1.0, 1))
 
 
+def central_mechanism_enabled(config: RunConfig) -> bool:
+    """Does the run use DP-FedAvg (federated) or DP-SGD (central)?"""
+    if config.training.mode == "federated":
+        return config.privacy.dp_fedavg.enabled
+    return config.privacy.dp_sgd.enabled
+
+
+def plant_audit_canaries(data: UserItems, config: RunConfig) -> tuple[UserItems, CanarySet | None]:
+    """Add the empirical audit's canary shoppers and products to the training data, when configured.
+
+    The audit checks the central mechanism, so it runs only with DP-FedAvg or DP-SGD. The draw of
+    which canaries are in is seeded by ``privacy.audit.seed`` (the auditor's secret), so the ledger's
+    plan made on the returned data is what training then spends.
+    """
+    settings = config.privacy.audit
+    if not (settings.enabled and settings.canaries > 0 and central_mechanism_enabled(config)):
+        return data, None
+    return plant_canaries(data, settings.canaries, settings.seed, settings.items_per_canary)
+
+
 def train_model(
     data: UserItems,
     config: RunConfig,
     *,
+    canaries: CanarySet | None = None,
     local_statement: PrivacyStatement | None = None,
     shard_runner: ShardRunner = run_in_process,
     on_round: Callable[[RoundReport], None] | None = None,
@@ -130,15 +162,36 @@ def train_model(
 ) -> TrainingOutcome:
     """Train on ``data`` (one row per shopper) the way ``config.training.mode`` says.
 
+    ``canaries`` (from :func:`plant_audit_canaries`, already in ``data``) are audited after training
+    and stripped from the returned table, so the published model never holds a fake product.
     ``local_statement`` is the guarantee of local DP already applied to ``data``, if any;
     ``shard_runner`` runs the shards of a federated round (in process by default).
     """
     init = init_item_table(data.n_items, config.model.dim, config.model.init_scale, config.training.seed)
+    if canaries is not None:
+        init = canary_initial_table(init, canaries)
     if config.training.mode == "central":
         table, central, rounds, losses = _train_central(data, init, config, on_epoch)
     else:
         table, central, rounds, losses = _train_federated(data, init, config, shard_runner, on_round)
-    return TrainingOutcome(table=table, central=central, local=local_statement, rounds=rounds, epoch_losses=losses)
+    result = None
+    if canaries is not None:
+        result = _audit(init, table, canaries, central, config)
+        table = strip_canaries(table, canaries)
+    return TrainingOutcome(table, central, local_statement, rounds, losses, result)
+
+
+def _audit(
+    init: ItemTable, trained: ItemTable, canaries: CanarySet, claim: PrivacyStatement | None, config: RunConfig
+) -> AuditResult:
+    settings = config.privacy.audit
+    guesses = None
+    if settings.guesses == "planned":
+        q = claim.sample_rate if claim and claim.sample_rate else config.federated.client_rate
+        steps = claim.steps if claim and claim.steps else config.federated.rounds
+        guesses = planned_guesses(canaries.m, 1 - (1 - q) ** steps)
+    scores = score_canaries(init, trained, canaries)
+    return audit(scores, canaries, config.privacy.delta, settings.confidence, guesses)
 
 
 def _train_federated(

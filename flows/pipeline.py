@@ -29,7 +29,14 @@ from fedml.gate import Candidate, GateDecision, Policy, decide, load_policy
 from fedml.privacy.ledger import BudgetExceeded, check_budget, lifetime
 from fedml.privacy.report import build_report, render_markdown
 from fedml.serving.recommender import Recommender
-from fedml.training import PlannedSpend, TrainingOutcome, apply_local_dp, planned_spend, train_model
+from fedml.training import (
+    PlannedSpend,
+    TrainingOutcome,
+    apply_local_dp,
+    planned_spend,
+    plant_audit_canaries,
+    train_model,
+)
 from flows import tracking
 from flows.ledger import MlflowLedger, Spending
 from flows.ops import DEFAULT_CONFIG
@@ -52,6 +59,7 @@ class PipelineSummary:
     privacy: str
     epsilon: float
     lifetime: str
+    audit: str
     hr_at_10: float
     popularity_hr_at_10: float
     tracking_uri: str
@@ -65,6 +73,7 @@ class PipelineSummary:
             f"data        {self.rows_in} rows in, {self.rows_kept} kept, {self.rows_quarantined} quarantined",
             f"privacy     {self.privacy}",
             f"budget      {self.lifetime}",
+            f"audit       {self.audit}",
             f"quality     HR@10 {self.hr_at_10:.4f} (popularity baseline {self.popularity_hr_at_10:.4f}), "
             "leave-last-out, full ranking",
             f"model       {self.model_name} version {self.version}",
@@ -155,7 +164,13 @@ def reserve_budget(
 
 @task(name="train", cache_policy=NO_CACHE)
 def train(
-    data: UserItems, config: RunConfig, local_statement: Any, client: Any, run_id: str, spending: Spending
+    data: UserItems,
+    config: RunConfig,
+    local_statement: Any,
+    canaries: Any,
+    client: Any,
+    run_id: str,
+    spending: Spending,
 ) -> TrainingOutcome:
     logger = get_run_logger()
     rounds = config.federated.rounds
@@ -199,10 +214,13 @@ def train(
 
     with shard_runner(config) as runner:
         outcome = train_model(
-            data, config, local_statement=local_statement, shard_runner=runner, on_round=on_round, on_epoch=on_epoch
-        )
+            data, config, canaries=canaries, local_statement=local_statement, shard_runner=runner,
+            on_round=on_round, on_epoch=on_epoch,
+        )  # fmt: skip
     headline = outcome.headline
     logger.info("trained: %s", headline.describe() if headline else "no differential privacy")
+    if outcome.audit is not None:
+        logger.info("privacy audit: %s", outcome.audit.describe(headline.epsilon if headline else None))
     return outcome
 
 
@@ -305,11 +323,12 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
     cohort = config.privacy.cohort or source.name
     ledger = MlflowLedger(client, config.tracking.ledger_experiment)
     client.set_tag(run_id, "privacy.cohort", cohort)
+    training_data, canaries = plant_audit_canaries(training_data, config)
     entry = reserve_budget(
         ledger, cohort, planned_spend(training_data, config, local_statement), run_id, policy, config
     )
     with Spending(ledger, entry) as spending:
-        outcome = train(training_data, config, local_statement, client, run_id, spending)
+        outcome = train(training_data, config, local_statement, canaries, client, run_id, spending)
     spent = lifetime(ledger.entries(), cohort, config.privacy.delta, config.privacy.accountant)
     recommender = Recommender(
         table=outcome.table, ids=ids, negatives=config.federated.negatives,
@@ -320,7 +339,8 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
     headline = outcome.headline
     report_ = build_report(
         headline, outcome.local, cohort=cohort, lifetime=spent, lifetime_budget=policy.max_lifetime_epsilon,
-        secure_noise=config.privacy.secure_noise, publishes_diagnostics=config.publishes_diagnostics(),
+        audit=_audit_report(outcome), secure_noise=config.privacy.secure_noise,
+        publishes_diagnostics=config.publishes_diagnostics(),
     )  # fmt: skip
     privacy_tags = {
         **tracking.privacy_tags(headline, outcome.local),
@@ -331,12 +351,15 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
         "privacy.lifetime_budget": repr(policy.max_lifetime_epsilon),
         "privacy.ledger_entry": entry.entry_id,
         "privacy.secure_noise": str(config.privacy.secure_noise).lower(),
+        **(outcome.audit.to_tags() if outcome.audit else {}),
     }
     quality = {**metrics["model"].as_metrics("quality/"), **metrics["popularity"].as_metrics("baseline/popularity/")}
     tracking.log_metrics(client, run_id, quality)
     privacy_metrics = {f"privacy/epsilon_{name}": eps for name, eps in report_["epsilon_by_accountant"].items()}
     if headline is not None:
         privacy_metrics["privacy/epsilon_final"] = headline.epsilon
+    if outcome.audit is not None:
+        privacy_metrics["privacy/audit_epsilon_lower_bound"] = outcome.audit.epsilon_lower_bound
     tracking.log_metrics(client, run_id, {**privacy_metrics, "privacy/lifetime_epsilon": spent.epsilon})
     tracking.set_run_tags(client, run_id, privacy_tags)
     tracking.log_json(client, run_id, "privacy.json", report_)
@@ -363,6 +386,7 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
         hr_at_10=hr,
         validation_passed=validation.passed,
         lifetime_epsilon=spent.epsilon,
+        audit_lower_bound=outcome.audit.epsilon_lower_bound if outcome.audit else None,
     )
     decision, production = gate(client, config, version, candidate, policy_path)
     client.set_tag(run_id, "gate.decision", "promoted" if decision.promote else "rejected")
@@ -382,11 +406,19 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
             f"cohort {cohort!r}: lifetime epsilon {spent.epsilon:.3f} of {policy.max_lifetime_epsilon:g} "
             f"over {spent.runs} run(s) ({spent.accountant}); ledger: python -m flows.ops ledger"
         ),
+        audit=_audit_report(outcome)["summary"] if outcome.audit else "not run (no central DP mechanism, or disabled)",
         hr_at_10=hr,
         popularity_hr_at_10=metrics["popularity"].hit_rate,
         tracking_uri=tracking.tracking_uri(),
         run_dir=str(run_dir),
     )
+
+
+def _audit_report(outcome: TrainingOutcome) -> dict[str, Any] | None:
+    if outcome.audit is None:
+        return None
+    claimed = outcome.headline.epsilon if outcome.headline else None
+    return {**asdict(outcome.audit), "summary": outcome.audit.describe(claimed)}
 
 
 def _markdown(summary: PipelineSummary) -> str:

@@ -170,6 +170,17 @@ class AuditResult:
         """Whether a claimed ε is below the empirical lower bound (a likely implementation bug)."""
         return self.epsilon_lower_bound > epsilon
 
+    def describe(self, claimed: float | None = None) -> str:
+        """One line for people, e.g. ``epsilon >= 0.000 with 95% confidence (447 of 447 guesses ...)``."""
+        line = (
+            f"empirical epsilon >= {self.epsilon_lower_bound:.3f} with {self.confidence:.0%} confidence "
+            f"({self.correct} of {self.guesses} membership guesses right over {self.m} canaries, delta {self.delta:g})"
+        )
+        if claimed is None:
+            return line
+        verdict = "CONTRADICTS the claim" if self.contradicts(claimed) else "consistent with the claim"
+        return f"{line}; claimed epsilon {claimed:.3f}: {verdict}"
+
     def to_tags(self) -> dict[str, str]:
         """Flat ``audit.*`` string tags, like :meth:`PrivacyStatement.to_tags`."""
         return {
