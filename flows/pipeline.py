@@ -25,7 +25,7 @@ from fedml.data.sources import SourceData, load_source
 from fedml.data.split import Split, leave_last_out
 from fedml.evaluation.ranking import RankingMetrics, evaluate_ranking, popularity_scorer
 from fedml.files import atomic_write_text
-from fedml.gate import Candidate, GateDecision, Policy, decide, load_policy
+from fedml.gate import GateDecision, Policy, load_policy
 from fedml.privacy.ledger import BudgetExceeded, check_budget, lifetime
 from fedml.privacy.report import build_report, render_markdown
 from fedml.serving.recommender import Recommender
@@ -40,6 +40,7 @@ from fedml.training import (
 from flows import tracking
 from flows.ledger import MlflowLedger, Spending
 from flows.ops import DEFAULT_CONFIG
+from flows.promotion import current_actor, promote
 from flows.sharding import shard_runner
 
 
@@ -252,19 +253,19 @@ def register(client: Any, run_id: str, recommender: Recommender, config: RunConf
 
 @task(name="promotion-gate", cache_policy=NO_CACHE)
 def gate(
-    client: Any, config: RunConfig, version: str, candidate: Candidate, policy_file: str
+    client: Any, config: RunConfig, version: str, policy_file: str, run_id: str
 ) -> tuple[GateDecision, str | None]:
-    policy = load_policy(policy_file)
+    """The gate on the facts recorded on the version (the same path as ``flows.ops promote``)."""
     name, alias = config.tracking.registered_model, config.tracking.production_alias
-    current = tracking.production_candidate(client, name, alias)
-    decision = decide(candidate, policy, current[1] if current else None)
-    tracking.record_decision(client, name, version, decision, alias, current[0] if current else None)
+    before = tracking.production_candidate(client, name, alias)
+    decision, production = promote(client, name, alias, version, load_policy(policy_file),
+                                   actor=f"pipeline ({current_actor()})", reason=f"training run {run_id}")  # fmt: skip
     logger = get_run_logger()
     if decision.promote:
-        logger.info("gate: version %s promoted to @%s (was %s)", version, alias, current[0] if current else "none")
+        logger.info("gate: version %s promoted to @%s (was %s)", version, alias, before[0] if before else "none")
     else:
         logger.warning("gate: version %s NOT promoted: %s", version, "; ".join(decision.reasons))
-    return decision, version if decision.promote else (current[0] if current else None)
+    return decision, production
 
 
 # ---------------------------------------------------------------- flow
@@ -380,15 +381,7 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
         "mlflow.run_id": run_id,
     }
     version = register(client, run_id, recommender, config, version_tags)
-    candidate = Candidate(
-        epsilon=headline.epsilon if headline else float("inf"),
-        delta=headline.delta if headline else 0.0,
-        hr_at_10=hr,
-        validation_passed=validation.passed,
-        lifetime_epsilon=spent.epsilon,
-        audit_lower_bound=outcome.audit.epsilon_lower_bound if outcome.audit else None,
-    )
-    decision, production = gate(client, config, version, candidate, policy_path)
+    decision, production = gate(client, config, version, policy_path, run_id)
     client.set_tag(run_id, "gate.decision", "promoted" if decision.promote else "rejected")
     return PipelineSummary(
         run_id=run_id,

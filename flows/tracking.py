@@ -142,22 +142,39 @@ def production_candidate(client: MlflowClient, model_name: str, alias: str) -> t
 
 
 def candidate_from_tags(tags: dict[str, str]) -> Candidate:
+    """The gate facts recorded on a model version."""
+    lifetime, audit = tags.get("privacy.lifetime_epsilon"), tags.get("audit.epsilon_lower_bound")
     return Candidate(
         epsilon=float(tags.get("privacy.epsilon", "inf")),
         delta=float(tags.get("privacy.delta", "1")),
         hr_at_10=float(tags.get("quality.hr_at_10", "0")),
         validation_passed=tags.get("validation.passed") == "true",
+        lifetime_epsilon=None if lifetime is None else float(lifetime),
+        audit_lower_bound=None if audit is None else float(audit),
     )
 
 
 def record_decision(
-    client: MlflowClient, model_name: str, version: str, decision: GateDecision, alias: str, previous: str | None
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    decision: GateDecision,
+    alias: str,
+    previous: str | None,
+    actor: str = "pipeline",
+    reason: str = "scheduled training run",
 ) -> None:
-    """Tag the version with the gate's decision; move the alias only when it is promoted."""
+    """Tag the version with the gate's decision (who, when, why); move the alias only when it is promoted."""
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    client.set_model_version_tag(model_name, version, "gate.decision", "promoted" if decision.promote else "rejected")
-    client.set_model_version_tag(model_name, version, "gate.reasons", "; ".join(decision.reasons) or "all rules passed")
-    client.set_model_version_tag(model_name, version, "gate.decided_at", now)
+    tags = {
+        "gate.decision": "promoted" if decision.promote else "rejected",
+        "gate.reasons": "; ".join(decision.reasons) or "all rules passed",
+        "gate.decided_at": now,
+        "gate.decided_by": actor,
+        "gate.request_reason": reason,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
     if decision.promote:
         client.set_registered_model_alias(model_name, alias, version)
         client.set_model_version_tag(model_name, version, "gate.previous_production", previous or "none")

@@ -117,6 +117,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         prefect.stop()
 
 
+def _flush_prefect_logs() -> None:
+    """Send queued flow-run logs while the Prefect API is still up (else they fail after the tests)."""
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+
+
 @pytest.fixture
 def pipeline_env(servers: dict[str, Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Point the pipeline at the session's servers and a scratch folder; yields the folder."""
@@ -128,3 +135,4 @@ def pipeline_env(servers: dict[str, Server], tmp_path: Path, monkeypatch: pytest
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     with temporary_settings({PREFECT_API_URL: servers["prefect"].url + "/api"}):
         yield tmp_path
+        _flush_prefect_logs()
