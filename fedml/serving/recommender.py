@@ -115,7 +115,7 @@ class ServingIndex:
     the result agrees with a converged ``fold_in`` to about the tolerance.
     """
 
-    def __init__(self, recommender: Recommender, tolerance: float = 1e-4, max_steps: int = 30) -> None:
+    def __init__(self, recommender: Recommender, tolerance: float = 1e-3, max_steps: int = 30) -> None:
         self.recommender = recommender
         self.tolerance = tolerance
         self.max_steps = max_steps
@@ -124,9 +124,12 @@ class ServingIndex:
         self.q_t = self.q.T.contiguous()
         self.b = table.bias.detach().to("cpu", torch.float32).contiguous()
         self.q64 = self.q.double()
-        s0 = torch.sigmoid(self.b.double())
-        self.w0 = s0 * (1.0 - s0)  # curvature of every item's loss at p = 0
-        self.hessian0 = (self.q64 * self.w0[:, None]).T @ self.q64  # summed over the whole catalogue
+        # at p = 0 every shopper's scores are the biases: the catalogue's part of the first gradient
+        # and Hessian is the same for all, computed once here
+        self.s0 = torch.sigmoid(self.b.double())
+        self.w0 = self.s0 * (1.0 - self.s0)
+        self.grad0 = self.s0 @ self.q64
+        self.hessian0 = (self.q64 * self.w0[:, None]).T @ self.q64
 
     @property
     def n_items(self) -> int:
@@ -193,15 +196,16 @@ class ServingIndex:
         w_hist = self.w0[hist] * mask
         neg_hessian = c[:, None, None] * (self.hessian0 - _weighted_gram(w_hist, q_hist))
         p = torch.zeros(len(rows), dim, dtype=torch.float64)
-        z = self.b.expand(len(rows), n)
-        neg_grad, pos_grad, pos_hessian = self._terms(z, hist, mask, q_hist, c)
+        neg_grad, pos_grad, pos_hessian = self._terms(self.grad0, self.s0[hist] * mask, mask, q_hist, c)
         active = torch.arange(len(rows))
         for _ in range(self.max_steps):
             grad = neg_grad + pos_grad + rec.fold_in_l2 * p
-            step = -torch.linalg.solve(neg_hessian + pos_hessian + eye, grad.unsqueeze(-1)).squeeze(-1)
+            step = -_solve_spd(neg_hessian + pos_hessian + eye, grad)
             p = p + step
             z = torch.addmm(self.b, p.float(), self.q_t)
-            new_neg_grad, pos_grad, pos_hessian = self._terms(z, hist, mask, q_hist, c)
+            s = torch.sigmoid(z)
+            s_hist = s.gather(1, hist).double() * mask
+            new_neg_grad, pos_grad, pos_hessian = self._terms((s @ self.q).double(), s_hist, mask, q_hist, c)
             done = step.abs().amax(dim=1) <= self.tolerance
             out[[rows[i] for i in active[done].tolist()]] = z[done]
             keep = ~done
@@ -214,16 +218,24 @@ class ServingIndex:
         out[[rows[i] for i in active.tolist()]] = z
         return out
 
+    @staticmethod
     def _terms(
-        self, z: torch.Tensor, hist: torch.Tensor, mask: torch.Tensor, q_hist: torch.Tensor, c: torch.Tensor
+        catalogue_grad: torch.Tensor, s_hist: torch.Tensor, mask: torch.Tensor, q_hist: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """At scores ``z``: gradient of the negative term, gradient and Hessian of the history's own term."""
-        s = torch.sigmoid(z)
-        s_hist = s.gather(1, hist).double() * mask
-        neg_grad = c[:, None] * ((s @ self.q).double() - _weighted_sum(s_hist, q_hist))
+        """Gradient of the negative term, gradient and Hessian of the history's own term, from the
+        catalogue sum ``sum_j sigmoid(z_j) q_j`` and the history's sigmoids ``s_hist`` (zero-padded)."""
+        neg_grad = c[:, None] * (catalogue_grad - _weighted_sum(s_hist, q_hist))
         pos_grad = _weighted_sum(s_hist - mask, q_hist)
         pos_hessian = _weighted_gram(s_hist * (1.0 - s_hist), q_hist)
         return neg_grad, pos_grad, pos_hessian
+
+
+def _solve_spd(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``matrices[r]^-1 vectors[r]`` by Cholesky (the Hessians are positive definite), LU if one is not."""
+    factors, info = torch.linalg.cholesky_ex(matrices)
+    if bool((info != 0).any()):
+        return torch.linalg.solve(matrices, vectors.unsqueeze(-1)).squeeze(-1)
+    return torch.cholesky_solve(vectors.unsqueeze(-1), factors).squeeze(-1)
 
 
 def _weighted_sum(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,235 @@
+"""Load test of the serving API on loopback: ``make bench-serve`` (writes bench/results/serve.json).
+
+A 50,000-item recommender is built directly (a random clustered item table; no training) and saved
+with ``Recommender.save``; ``python -m fedml.serving --model-dir`` serves it on 127.0.0.1. An
+asyncio client (aiohttp) then sends a fixed number of ``POST /recommend`` requests at k=10 with a
+fixed number in flight, each a short history of items from one cluster (one in ten with an unknown
+id too), and records every latency. The client runs on the same machine as the server and shares
+its cores. Before the load, a few answers are checked against ``Recommender.recommend`` in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = {"throughput_rps": 1000.0, "p99_ms": 20.0, "errors": 0}
+
+
+def build_recommender(n_items: int, dim: int, clusters: int, seed: int):  # -> (Recommender, cluster of each item)
+    import torch
+
+    from fedml.data.ids import IdMap
+    from fedml.models.mf import ItemTable
+    from fedml.serving.recommender import Recommender
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 1.0, (clusters, dim))
+    cluster = rng.integers(0, clusters, n_items)
+    embeddings = (0.8 * centres[cluster] + rng.normal(0.0, 0.5, (n_items, dim))).astype(np.float32)  # norms near 5
+    bias = rng.normal(-1.0, 1.0, n_items).astype(np.float32)
+    ids = IdMap(users=[], items=[f"sku-{i:06d}" for i in range(n_items)])
+    return Recommender(ItemTable(torch.from_numpy(embeddings), torch.from_numpy(bias)), ids), cluster
+
+
+def histories(cluster: np.ndarray, count: int, max_len: int, seed: int) -> list[list[str]]:
+    """Short sessions: 1..max_len items of one cluster; one in ten also names an unknown item."""
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(cluster == c) for c in range(int(cluster.max()) + 1)]
+    out = []
+    for i in range(count):
+        pool = members[rng.integers(len(members))]
+        items = [f"sku-{j:06d}" for j in rng.choice(pool, size=min(len(pool), rng.integers(1, max_len + 1)))]
+        if i % 10 == 0:
+            items.append(f"retired-{i}")
+        out.append(items)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"service exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"service at {url} not ready after {timeout:.0f} s")
+
+
+async def load(url: str, bodies: list[bytes], concurrency: int, time_limit: float) -> dict:
+    """Send every body once with ``concurrency`` in flight (stops early at ``time_limit`` seconds)."""
+    import aiohttp
+
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    queue = iter(bodies)
+    deadline = time.perf_counter() + time_limit
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def worker() -> None:
+            for body in queue:
+                if time.perf_counter() > deadline:
+                    return
+                start = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+                        await r.read()
+                        key = str(r.status)
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    key = type(exc).__name__
+                latencies.append(time.perf_counter() - start)
+                statuses[key] = statuses.get(key, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1e3
+    return {
+        "requests": len(latencies),
+        "duration_s": round(elapsed, 3),
+        "throughput_rps": round(len(latencies) / elapsed, 1),
+        "latency_ms": {
+            "p50": round(float(np.percentile(ms, 50)), 2),
+            "p90": round(float(np.percentile(ms, 90)), 2),
+            "p99": round(float(np.percentile(ms, 99)), 2),
+            "max": round(float(ms.max()), 2),
+            "mean": round(float(ms.mean()), 2),
+        },
+        "errors": sum(n for status, n in statuses.items() if status != "200"),
+        "status_counts": statuses,
+    }
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def spot_check(url: str, recommender, sessions: list[list[str]], k: int) -> dict[str, str]:
+    """How many served top-k lists equal the in-process recommender's: as configured (4 Newton steps of
+    fold-in) and with fold-in run to convergence (12 steps), which the service's solver targets."""
+    from dataclasses import replace
+
+    served = [[r["item"] for r in post(url + "/recommend", {"items": s, "k": k})["items"]] for s in sessions]
+    converged = replace(recommender, fold_in_iterations=12)
+    return {
+        "same_items_as_recommender": f"{sum(a == b.items for a, b in zip(served, recommender.recommend_many(sessions, k)))}/{len(sessions)}",
+        "same_items_as_converged_fold_in": f"{sum(a == b.items for a, b in zip(served, converged.recommend_many(sessions, k)))}/{len(sessions)}",
+    }
+
+
+def machine() -> dict:
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    packages = {p: version(p) for p in ("torch", "fastapi", "uvicorn", "uvloop", "httptools", "aiohttp")}
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "packages": packages}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict:
+    recommender, cluster = build_recommender(args.items, args.dim, args.clusters, args.seed)
+    sessions = histories(cluster, args.requests + args.warmup, args.max_history, args.seed + 1)
+    bodies = [json.dumps({"items": items, "k": args.k}).encode() for items in sessions]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        model_dir = recommender.save(Path(tmp) / "model")
+        for workers in args.workers:
+            for concurrency in args.concurrency:
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                command = [sys.executable, "-m", "fedml.serving", "--model-dir", str(model_dir), "--port", str(port),
+                           "--workers", str(workers), "--max-batch", str(args.max_batch)]  # fmt: skip
+                log = Path(tmp) / f"serve-{workers}-{concurrency}.log"
+                with log.open("w") as handle:
+                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+                try:
+                    wait_ready(url, process)
+                    agree = spot_check(url, recommender, sessions[:20], args.k)
+                    asyncio.run(load(url + "/recommend", bodies[: args.warmup], concurrency, args.time_limit))
+                    loadavg_before = os.getloadavg()[0]
+                    outcome = asyncio.run(load(url + "/recommend", bodies[args.warmup :], concurrency, args.time_limit))
+                finally:
+                    process.terminate()
+                    process.wait(timeout=30)
+                outcome = {"server_workers": workers, "concurrency": concurrency, **outcome,
+                           **agree, "load_average_before": round(loadavg_before, 2)}  # fmt: skip
+                results.append(outcome)
+                print(json.dumps(outcome), flush=True)
+    best = max(
+        results, key=lambda r: (r["errors"] == 0 and r["latency_ms"]["p99"] < TARGET["p99_ms"], r["throughput_rps"])
+    )
+    return {
+        "benchmark": "serving API, POST /recommend on loopback",
+        "catalogue_items": args.items,
+        "dim": args.dim,
+        "k": args.k,
+        "history_length": f"1..{args.max_history} items of one cluster (+1 unknown id in 10% of requests)",
+        "requests_per_run": args.requests,
+        "warmup_requests": args.warmup,
+        "client": "aiohttp on the same machine (shares the cores with the server)",
+        "target": TARGET,
+        "headline": best,
+        "met_target": best["throughput_rps"] >= TARGET["throughput_rps"]
+        and best["latency_ms"]["p99"] < TARGET["p99_ms"]
+        and best["errors"] == 0,
+        "runs": results,
+        "machine": machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=50_000)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--clusters", type=int, default=200)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=20_000, help="per run (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--workers", type=int, nargs="+", default=[2], help="server processes")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-history", type=int, default=10)
+    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per run at most")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
+    args = parser.parse_args(argv)
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    head = report["headline"]
+    print(f"{head['throughput_rps']:.0f} req/s, p50 {head['latency_ms']['p50']} ms, p99 {head['latency_ms']['p99']} ms, "
+          f"{head['errors']} errors ({head['server_workers']} workers, {head['concurrency']} in flight) -> {args.out}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
