@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fedml.federated.randomness import LocalDraws
-from fedml.models.mf import ItemTable, fold_in
+from fedml.models.mf import FOLD_IN_ITERATIONS, ItemTable, fold_in
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class LocalTraining:
     negatives: int
     l2: float
     fold_in_l2: float = 1.0
-    fold_in_iterations: int = 4
+    fold_in_iterations: int = FOLD_IN_ITERATIONS  # a cap: fold-in stops each shopper once converged
 
 
 @dataclass

@@ -62,53 +62,166 @@ def init_item_table(n_items: int, dim: int, scale: float, seed: int) -> ItemTabl
     return ItemTable(embeddings, torch.zeros(n_items))
 
 
+#: default cap on fold-in steps (a shopper usually stops far earlier, see :func:`fold_in`)
+FOLD_IN_ITERATIONS = 30
+#: fold-in stops for a shopper once a step moves none of its coordinates more than this
+FOLD_IN_TOLERANCE = 1e-5
+
+
 def fold_in(
     table: ItemTable,
     histories: list[np.ndarray],
     *,
     negatives: int,
     l2: float,
-    iterations: int = 4,
-    chunk_size: int = 512,
+    iterations: int = FOLD_IN_ITERATIONS,
+    tolerance: float = FOLD_IN_TOLERANCE,
+    chunk_size: int = 4096,
 ) -> torch.Tensor:
     """User vectors for shoppers known only by their histories (item indices), item table frozen.
 
     Minimises each shopper's *expected* training loss over the uniform negative sampling,
     ``-sum_{i in H} log s(p.q_i + b_i) - c * sum_{j not in H} log(1 - s(p.q_j + b_j)) + l2/2 |p|^2``
-    with ``c = negatives * |H| / (n_items - |H|)``, by Newton's method from ``p = 0``. It is
-    deterministic (4 iterations reach 1e-6 of the converged vector on the default shop), needs
-    nothing but the published item table and the history, and is the same
-    computation for evaluation, serving and a new shopper. Returns ``[len(histories), dim]``.
+    with ``c = negatives * |H| / (n_items - |H|)``, from ``p = 0`` by a quasi-Newton method:
+
+    * the first step is Newton's, exact and cheap: at ``p = 0`` an item's curvature ``s(b)(1 - s(b))``
+      depends on its bias alone, so the catalogue's share of the Hessian is one ``dim x dim`` matrix
+      for all shoppers, corrected by each shopper's history;
+    * later steps are BFGS updates of that Hessian from exact gradients: each costs two products
+      with the item matrix, not a per-shopper ``n_items x dim^2`` Hessian;
+    * a shopper stops once a step moves none of its coordinates more than ``tolerance``, or after
+      ``iterations`` steps.
+
+    A shopper's vector depends on its history and the item table alone (not on the other histories
+    of the call), deterministically. It is the same computation for evaluation, serving and a new
+    shopper. Returns float32 ``[len(histories), dim]``.
     """
     q, b = table.embeddings.float(), table.bias.float()
     n_items, dim = q.shape
     out = torch.zeros(len(histories), dim, dtype=q.dtype, device=q.device)
-    eye = torch.eye(dim, dtype=q.dtype, device=q.device)
-    # Hessians as one matrix product: curvature [chunk, n_items] @ outer products [n_items, dim^2]
-    outer = (q[:, :, None] * q[:, None, :]).reshape(n_items, dim * dim)
-    # keep the [chunk, n_items] intermediates near 64 MiB of floats
-    chunk_size = max(1, min(chunk_size, 16_000_000 // max(1, n_items)))
-    for start in range(0, len(histories), chunk_size):
-        chunk = histories[start : start + chunk_size]
-        positive = torch.zeros(len(chunk), n_items, dtype=q.dtype, device=q.device)
-        sizes = [len(items) for items in chunk]
-        if sum(sizes):
-            rows = np.repeat(np.arange(len(chunk)), sizes)
-            cols = np.concatenate([np.asarray(items, dtype=np.int64) for items in chunk])
-            positive[torch.as_tensor(rows, device=q.device), torch.as_tensor(cols, device=q.device)] = 1.0
-        n_pos = positive.sum(1, keepdim=True)
-        neg_weight = negatives * n_pos / (n_items - n_pos).clamp(min=1.0)
-        weight_neg = (1.0 - positive) * neg_weight  # per-item weight of the negative term
-        p = torch.zeros(len(chunk), dim, dtype=q.dtype, device=q.device)
-        for _ in range(iterations):
-            s = torch.sigmoid(p @ q.T + b)
-            residual = positive * (s - 1.0) + weight_neg * s  # d loss / d score
-            grad = residual @ q + l2 * p
-            curvature = (positive + weight_neg) * s * (1.0 - s)
-            hessian = (curvature @ outer).view(-1, dim, dim) + l2 * eye
-            p = p - torch.cholesky_solve(grad.unsqueeze(-1), torch.linalg.cholesky(hessian)).squeeze(-1)
-        out[start : start + len(chunk)] = p
+    s0 = torch.sigmoid(b)
+    catalogue = _Catalogue(q=q, b=b, hessian0=q.T @ (q * (s0 * (1.0 - s0))[:, None]), gradient0=s0 @ q)
+    sizes = np.array([len(items) for items in histories], dtype=np.int64)
+    order = np.argsort(sizes, kind="stable")  # chunks of similar history lengths: little padding
+    # a chunk's [shoppers, n_items] scores near 64 MiB of floats, its padded histories near 1 MiB entries
+    max_rows = max(1, min(chunk_size, 16_000_000 // max(1, n_items)))
+    start = 0
+    while start < len(order):
+        rows = np.arange(1, min(max_rows, len(order) - start) + 1)
+        stop = start + max(1, int((rows * sizes[order[start : start + len(rows)]] <= 1 << 20).sum()))
+        chunk = order[start:stop]
+        hist = _Histories.of([histories[i] for i in chunk], negatives, n_items, q.device)
+        out[torch.as_tensor(chunk, device=q.device)] = _fold_in_chunk(catalogue, hist, l2, iterations, tolerance)
+        start = stop
     return out
+
+
+@dataclass
+class _Catalogue:
+    """The frozen item table (float32), and its fold-in terms at ``p = 0``."""
+
+    q: torch.Tensor  # [n_items, dim]
+    b: torch.Tensor  # [n_items]
+    hessian0: torch.Tensor  # [dim, dim]: sum_j s(b_j)(1 - s(b_j)) q_j q_j^T
+    gradient0: torch.Tensor  # [dim]: sum_j s(b_j) q_j
+
+
+@dataclass
+class _Histories:
+    """Some shoppers' histories, padded to the longest: row ``k`` is shopper ``k``."""
+
+    items: torch.Tensor  # int64 [n, width]: item indices, 0 where padding
+    mask: torch.Tensor  # float32 [n, width]: 1 for a history item, 0 for padding
+    weight: torch.Tensor  # float32 [n]: the negative weight c
+
+    @classmethod
+    def of(cls, histories: list[np.ndarray], negatives: int, n_items: int, device: torch.device) -> _Histories:
+        sizes = np.array([len(items) for items in histories], dtype=np.int64)
+        columns = np.arange(int(sizes.max(initial=0)))
+        mask = columns[None, :] < sizes[:, None]
+        items = np.zeros(mask.shape, dtype=np.int64)
+        items[mask] = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories] or [np.zeros(0, np.int64)])
+        size = torch.as_tensor(sizes, device=device).float()
+        weight = negatives * size / (n_items - size).clamp(min=1.0)
+        return cls(torch.as_tensor(items, device=device), torch.as_tensor(mask, device=device).float(), weight)
+
+    def __getitem__(self, rows: torch.Tensor) -> _Histories:
+        return _Histories(self.items[rows], self.mask[rows], self.weight[rows])
+
+
+def _fold_in_chunk(
+    catalogue: _Catalogue, hist: _Histories, l2: float, iterations: int, tolerance: float
+) -> torch.Tensor:
+    """:func:`fold_in` of one chunk of histories: ``[n, dim]``."""
+    q, b = catalogue.q, catalogue.b
+    n, dim = hist.items.shape[0], q.shape[1]
+    q_hist = q[hist.items]  # [n, width, dim]
+    # at p = 0: the catalogue's shared gradient and Hessian, times c, corrected for the history's items
+    s_hist = torch.sigmoid(b[hist.items])
+    side = (1.0 - hist.weight)[:, None] * hist.mask  # a history item counts as a positive (1), not as a negative (c)
+    gradient = _history_sum(side * s_hist - hist.mask, q_hist) + hist.weight[:, None] * catalogue.gradient0
+    weighted = q_hist * (side * s_hist * (1.0 - s_hist))[:, :, None]
+    hessian = torch.bmm(weighted.transpose(1, 2), q_hist) + hist.weight[:, None, None] * catalogue.hessian0
+    hessian.diagonal(dim1=1, dim2=2).add_(l2)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))  # BFGS keeps the inverse Hessian
+
+    p = torch.zeros(n, dim, dtype=q.dtype, device=q.device)
+    active = torch.arange(n, device=q.device)  # shoppers still moving; p_active, gradient, ...: theirs
+    p_active = p
+    for step_index in range(iterations):
+        step = -_matvec(inverse, gradient)
+        p_active = p_active + step
+        p[active] = p_active
+        moving = step.abs().amax(1) > tolerance
+        if step_index == iterations - 1 or not bool(moving.any()):
+            break
+        if not bool(moving.all()):
+            active, p_active, step, gradient, inverse, q_hist = (
+                t[moving] for t in (active, p_active, step, gradient, inverse, q_hist)
+            )
+            hist = hist[moving]
+        new_gradient = _gradient(catalogue, hist, q_hist, p_active, l2)
+        inverse = _bfgs_update(inverse, step, new_gradient - gradient, l2)
+        gradient = new_gradient
+    return p
+
+
+def _gradient(
+    catalogue: _Catalogue, hist: _Histories, q_hist: torch.Tensor, p: torch.Tensor, l2: float
+) -> torch.Tensor:
+    """The fold-in objective's gradient at ``p`` (``[n, dim]``; ``q_hist``: the histories' item rows)."""
+    q, b = catalogue.q, catalogue.b
+    s = torch.addmm(b, p, q.T).sigmoid_()  # [n, n_items]
+    s_hist = s.gather(1, hist.items)
+    history = _history_sum(((1.0 - hist.weight)[:, None] * s_hist - 1.0) * hist.mask, q_hist)
+    return torch.addcmul(history, hist.weight[:, None], s @ q).add_(p, alpha=l2)
+
+
+def _history_sum(coefficients: torch.Tensor, q_hist: torch.Tensor) -> torch.Tensor:
+    """``sum_k coefficients[:, k] q_hist[:, k]``: ``[n, dim]``."""
+    return torch.bmm(coefficients.unsqueeze(1), q_hist).squeeze(1)
+
+
+def _bfgs_update(inverse: torch.Tensor, s: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
+    """BFGS update of inverse Hessians ``[n, dim, dim]`` from steps ``s`` and gradient changes ``y``.
+
+    ``H+ = (I - r s y^T) H (I - r y s^T) + r s s^T`` with ``r = 1 / y.s``. The objective is
+    ``l2``-strongly convex, so ``y.s >= l2 |s|^2``; a pair that misses half of that (float rounding
+    of a tiny step) leaves ``H`` as it is, which keeps it positive definite.
+    """
+    u = _matvec(inverse, y)
+    ys = (y * s).sum(1)
+    curved = ys > 0.5 * l2 * (s * s).sum(1)
+    r = torch.where(curved, 1.0 / torch.where(curved, ys, 1.0), 0.0)
+    left = (r * r * (y * u).sum(1) + r)[:, None] * s - r[:, None] * u
+    return inverse.addcmul(left[:, :, None], s[:, None, :]).addcmul_(
+        (r[:, None] * s)[:, :, None], u[:, None, :], value=-1.0
+    )
+
+
+def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``matrices[k] @ vectors[k]`` for every ``k`` (faster than a batched matmul for small matrices)."""
+    return (matrices * vectors[:, None, :]).sum(2)
 
 
 def score_all(table: ItemTable, user_vectors: torch.Tensor) -> torch.Tensor:
