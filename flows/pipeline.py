@@ -365,6 +365,7 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
     tracking.set_run_tags(client, run_id, privacy_tags)
     tracking.log_json(client, run_id, "privacy.json", report_)
     tracking.log_text(client, run_id, "privacy.md", render_markdown(report_))
+    _log_plots(client, run_id, run_dir, outcome, config, spent.epsilon, policy.max_lifetime_epsilon)
     tracking.log_json(client, run_id, "evaluation.json", {k: asdict(v) for k, v in metrics.items()})
 
     hr = metrics["model"].hit_rate
@@ -405,6 +406,24 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
         tracking_uri=tracking.tracking_uri(),
         run_dir=str(run_dir),
     )
+
+
+def _log_plots(
+    client: Any, run_id: str, run_dir: Path, outcome: TrainingOutcome, config: RunConfig, lifetime: float, budget: float
+) -> None:
+    """Training curves and privacy per round, as PNG artifacts under ``plots/``."""
+    from flows.plots import privacy_plot, training_plot
+
+    folder = run_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    unit = outcome.headline.unit if outcome.headline else "user"
+    drawn = [
+        training_plot(outcome.rounds, outcome.epoch_losses, config.publishes_diagnostics(), folder / "training.png"),
+        privacy_plot(outcome.rounds, config.privacy.delta, unit, lifetime, budget, folder / "privacy.png"),
+    ]
+    for path in drawn:
+        if path is not None:
+            client.log_artifact(run_id, str(path), "plots")
 
 
 def _audit_report(outcome: TrainingOutcome) -> dict[str, Any] | None:

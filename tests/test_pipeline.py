@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -53,6 +54,16 @@ def test_second_run_over_the_epsilon_ceiling_is_registered_but_not_promoted(pipe
     assert run.data.tags["privacy.unit"] == "user"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
     assert {"validation/validation.json", "validation/quarantine.csv"} <= artifacts
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"privacy.md", "privacy.json", "evaluation.json"} <= top
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/training.png",
+        "plots/privacy.png",
+    }
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "privacy.json", str(pipeline_env))).read_text())
+    assert report["epsilon_by_accountant"]["prv"] < report["epsilon_by_accountant"]["rdp"]
+    assert report["epsilon_by_accountant"]["rdp"] == pytest.approx(history[-1].value)
+    assert set(report["threat_model"]) == {"server", "another shopper", "model holder", "not covered"}
 
     spent = float(client.get_model_version(name, "1").tags["privacy.epsilon"])
     assert spent == pytest.approx(history[-1].value)
@@ -82,7 +93,9 @@ def _events_file(path: Path) -> tuple[Path, list[int]]:
     rows = []
     for shopper in range(40):
         for step in range(6):
-            rows.append((f"u{shopper}", f"i{(shopper * 7 + step * 3) % 60}", "view", "", 1_700_000_000 + shopper * 100 + step))
+            rows.append(
+                (f"u{shopper}", f"i{(shopper * 7 + step * 3) % 60}", "view", "", 1_700_000_000 + shopper * 100 + step)
+            )
     bad = [
         ("", "i1", "view", "", 1_700_000_001),  # missing shopper id
         ("u1", "i2", "teleport", "", 1_700_000_002),  # unknown event
