@@ -55,7 +55,8 @@ class BatchedUpdate:
 
     def norms(self) -> torch.Tensor:
         """float64 ``[C]``: each client's update norm (all its rows, embeddings and biases)."""
-        per_row = self.delta_embeddings.double().pow(2).sum(1) + self.delta_bias.double().pow(2)
+        per_row = torch.linalg.vector_norm(self.delta_embeddings, dim=1, dtype=torch.float64).square()
+        per_row += self.delta_bias.double().square()
         squares = torch.zeros(len(self), dtype=torch.float64, device=per_row.device)
         return squares.index_add_(0, self.owner, per_row).sqrt()
 
@@ -80,8 +81,7 @@ class _Step:
     active: torch.Tensor  # [A]: client positions taking this step
     batch_size: torch.Tensor  # [A] float: each active client's mini-batch size
     rows: torch.Tensor  # [U]: the rows touched in this step (into the [R] copies)
-    example_client: torch.Tensor  # [N(1 + k)]: per entry of `flat`, position in `active`
-    example_size: torch.Tensor  # [N] float: the mini-batch size of each positive's client
+    row_client: torch.Tensor  # [U]: the position in `active` of each row's client (a row copy has one client)
     flat: torch.Tensor  # [N(1 + k)]: positives then negatives, as positions in `rows`
     n: int  # positives in this step
 
@@ -101,20 +101,11 @@ def batched_client_updates(
     """
     if not len(clients) == len(user_vectors) == len(draws):
         raise ValueError(f"{len(clients)} clients, {len(user_vectors)} user vectors and {len(draws)} draws")
-    device, dtype = table.embeddings.device, table.embeddings.dtype
-    positives = [np.asarray(p, dtype=np.int64) for p in clients]
-    vectors = _initial_vectors(table, positives, user_vectors, config)
-
-    orders = [d.order for d in draws]
-    negatives = [d.negatives for d in draws]
-
-    plan = _plan(positives, orders, negatives, table.n_items, config, device)
+    device = table.embeddings.device
+    positives = [np.asarray(items, dtype=np.int64) for items in clients]
+    p = _initial_vectors(table, positives, user_vectors, config)
+    plan = _plan(positives, [d.order for d in draws], [d.negatives for d in draws], table.n_items, config, device)
     n_clients = len(positives)
-    p = (
-        torch.stack([v.to(device=device, dtype=dtype) for v in vectors])
-        if n_clients
-        else torch.zeros(0, table.dim, dtype=dtype, device=device)
-    )
     q0 = table.embeddings[plan.rows]
     b0 = table.bias[plan.rows]
     q, b = q0.clone(), b0.clone()
@@ -138,13 +129,15 @@ def batched_client_updates(
 
 def _initial_vectors(
     table: ItemTable, positives: list[np.ndarray], user_vectors: Sequence[torch.Tensor | None], config: LocalTraining
-) -> list[torch.Tensor]:
-    """Each client's starting vector: its own, or for a first-time client the fold-in of its history.
+) -> torch.Tensor:
+    """``[C, dim]``: each client's starting vector, its own or for a first-time client the fold-in of its history.
 
     All first-time clients are folded in by one call (fold-in is deterministic and draws nothing).
     """
+    device, dtype = table.embeddings.device, table.embeddings.dtype
+    p = torch.zeros(len(positives), table.dim, dtype=dtype, device=device)
     new = [i for i, v in enumerate(user_vectors) if v is None]
-    vectors = list(user_vectors)
+    known = [i for i, v in enumerate(user_vectors) if v is not None]
     if new:
         folded = fold_in(
             table,
@@ -153,9 +146,11 @@ def _initial_vectors(
             l2=config.fold_in_l2,
             iterations=config.fold_in_iterations,
         )
-        for i, vector in zip(new, folded):
-            vectors[i] = vector
-    return vectors  # type: ignore[return-value]
+        p[torch.as_tensor(new, device=device)] = folded.to(dtype)
+    if known:
+        own = torch.stack([user_vectors[i].to(device=device, dtype=dtype) for i in known])  # type: ignore[union-attr]
+        p[torch.as_tensor(known, device=device)] = own
+    return p
 
 
 @dataclass
@@ -179,29 +174,30 @@ def _plan(
     k, epochs, bs = config.negatives, config.epochs, config.batch_size
     n_clients = len(positives)
     n = np.array([len(pos) for pos in positives], dtype=np.int64)
+    clients = np.arange(n_clients, dtype=np.int64)
 
-    # Private row copies: unique (client, item) keys; sorted, so client-major and item-sorted within
-    # a client, as the reference's np.unique orders one client's rows.
-    touched = n * (1 + epochs * k)  # entries of concat(positives, negatives.ravel()) per client
-    touched_start = np.concatenate([[0], np.cumsum(touched)])
-    items = np.concatenate(
-        [np.concatenate([pos, neg.ravel()]) for pos, neg in zip(positives, negatives)] or [np.zeros(0, np.int64)]
+    # Private row copies: unique (client, item) keys over all positives, then all negatives; sorted,
+    # so client-major and item-sorted within a client, as the reference's np.unique orders one
+    # client's rows.
+    pos_items = _concat(positives)
+    neg_items = _concat([neg.ravel() for neg in negatives])
+    pos_start, neg_start = np.cumsum(n) - n, np.cumsum(n * epochs * k) - n * epochs * k
+    keys = np.concatenate(
+        [np.repeat(clients, n) * n_items + pos_items, np.repeat(clients, n * epochs * k) * n_items + neg_items]
     )
-    keys = np.repeat(np.arange(n_clients, dtype=np.int64), touched) * n_items + items.astype(np.int64)
     unique_keys, row_of = np.unique(keys, return_inverse=True)
     row_owner, row_item = np.divmod(unique_keys, n_items)
     offsets = np.searchsorted(row_owner, np.arange(n_clients + 1)).astype(np.int64)
 
     # Every training example (client c, epoch e, position i of the epoch's permutation) ...
     per_client = epochs * n
-    owner = np.repeat(np.arange(n_clients, dtype=np.int64), per_client)
+    owner = np.repeat(clients, per_client)
     t = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(per_client) - per_client, per_client)
     n_ex = n[owner]
     epoch, position = np.divmod(t, np.maximum(n_ex, 1))
-    j = np.concatenate([o.ravel() for o in orders] or [np.zeros(0, np.int64)]).astype(np.int64)
-    base = touched_start[:-1][owner]
-    pos_row = row_of[base + j]
-    neg_row = row_of[(base + n_ex + (epoch * n_ex + j) * k)[:, None] + np.arange(k)]
+    j = _concat([o.ravel() for o in orders])  # the positive it trains on
+    pos_row = row_of[pos_start[owner] + j]
+    neg_row = row_of[len(pos_items) + (neg_start[owner] + (epoch * n_ex + j) * k)[:, None] + np.arange(k)]
     # ... belongs to step epoch * batches + position // batch_size of its client
     batches = -(-n // bs)
     batch_index = position // bs
@@ -214,18 +210,16 @@ def _plan(
     n_steps = int(steps_per_client.max()) if n_clients else 0
     bounds = np.searchsorted(step, np.arange(n_steps + 1))
 
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("active", "bsize", "rows", "client", "size", "flat")}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("active", "bsize", "rows", "row_client", "flat")}
     for s in range(n_steps):
         lo, hi = bounds[s], bounds[s + 1]
-        ex_owner = owner[lo:hi]
-        active, ex_client = np.unique(ex_owner, return_inverse=True)
+        ex_owner = owner[lo:hi]  # sorted: clients in order
+        active, first = np.unique(ex_owner, return_index=True)
         step_rows, flat = np.unique(np.concatenate([pos_row[lo:hi], neg_row[lo:hi].ravel()]), return_inverse=True)
-        first = np.searchsorted(ex_owner, active)  # all of a client's examples share its batch size
         parts["active"].append(active)
-        parts["bsize"].append(size[lo:hi][first])
+        parts["bsize"].append(size[lo:hi][first])  # all of a client's examples share its batch size
         parts["rows"].append(step_rows)
-        parts["client"].append(np.concatenate([ex_client, np.repeat(ex_client, k)]))
-        parts["size"].append(size[lo:hi])
+        parts["row_client"].append(np.searchsorted(active, row_owner[step_rows]))
         parts["flat"].append(flat)
 
     def upload(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -235,18 +229,16 @@ def _plan(
         whole = torch.as_tensor(np.concatenate(arrays)).to(device=device, dtype=dtype)
         return list(torch.split(whole, [len(a) for a in arrays]))
 
-    float_dtype = torch.float32
     columns = zip(
         upload("active", torch.int64),
-        upload("bsize", float_dtype),
+        upload("bsize", torch.float32),
         upload("rows", torch.int64),
-        upload("client", torch.int64),
-        upload("size", float_dtype),
+        upload("row_client", torch.int64),
         upload("flat", torch.int64),
     )
     steps = [
-        _Step(active=a, batch_size=bsz, rows=r, example_client=c, example_size=sz, flat=f, n=len(sz))
-        for a, bsz, r, c, sz, f in columns
+        _Step(active=a, batch_size=bsz, rows=r, row_client=rc, flat=f, n=(len(f) // (1 + k)))
+        for a, bsz, r, rc, f in columns
     ]
     return _Plan(
         rows=torch.as_tensor(row_item, dtype=torch.int64).to(device),
@@ -257,36 +249,39 @@ def _plan(
     )
 
 
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    """int64 concatenation of possibly no arrays."""
+    return np.concatenate(arrays).astype(np.int64, copy=False) if arrays else np.zeros(0, np.int64)
+
+
 def _batched_sgd_step(
     q: torch.Tensor, b: torch.Tensor, p: torch.Tensor, loss_sums: torch.Tensor, step: _Step, config: LocalTraining
 ) -> None:
     """:func:`fedml.federated.client._sgd_step` for every active client at once, in place.
 
     ``q``/``b`` are all clients' private row copies, ``p`` all clients' user vectors. Per client it
-    is the reference's step: gradients from the old values, each touched row's gradient summed over
-    the batch's positives and then its negatives, ``l2`` once per touched row, then one SGD update.
+    is the reference's step: gradients from the old values, ``l2`` once per touched row, then one SGD
+    update. A row copy belongs to one client, so each score is its row's score under the client's
+    vector, and the row's gradient is the sum of its entries' score gradients times that vector.
     """
     n, k = step.n, config.negatives
-    size = step.example_size.to(q.dtype)
     p_active = p[step.active]
     q_step, b_step = q[step.rows], b[step.rows]
-    p_flat = p_active[step.example_client]  # [N(1 + k), d]: the user vector of each entry's client
-    q_flat = q_step[step.flat]
-    scores = (q_flat * p_flat).sum(1) + b_step[step.flat]
+    p_rows = p_active[step.row_client]  # [U, d]: each row's client's vector
+    scores = ((q_step * p_rows).sum(1) + b_step)[step.flat]
+    pos_client = step.row_client[step.flat[:n]]  # [N]: each positive's client
+    size = step.batch_size[pos_client].to(q.dtype)
     s_pos, s_neg = scores[:n], scores[n:].view(n, k)
-    g_pos = (torch.sigmoid(s_pos) - 1.0) / size
+    g_pos = (torch.sigmoid(s_pos) - 1.0) / size  # d loss / d score
     g_neg = torch.sigmoid(s_neg) / size[:, None]
     example_loss = torch.nn.functional.softplus(-s_pos) + torch.nn.functional.softplus(s_neg).sum(1)
-    client_loss = torch.zeros(len(step.active), dtype=q.dtype, device=q.device)
-    client_loss.index_add_(0, step.example_client[:n], example_loss)
+    client_loss = torch.zeros(len(step.active), dtype=q.dtype, device=q.device).index_add_(0, pos_client, example_loss)
     loss_sums.index_add_(0, step.active, (client_loss / step.batch_size.to(q.dtype)).double())
 
-    flat_g = torch.cat([g_pos, g_neg.reshape(-1)])
-    weighted = flat_g[:, None] * q_flat  # d loss / d p, per entry
-    grad_p = torch.zeros_like(p_active).index_add_(0, step.example_client, weighted) + config.l2 * p_active
-    grad_q = torch.zeros_like(q_step).index_add_(0, step.flat, flat_g[:, None] * p_flat)
-    grad_b = torch.zeros_like(b_step).index_add_(0, step.flat, flat_g)
-    grad_q += config.l2 * q_step  # every row of step.rows is touched
+    grad_b = torch.zeros_like(b_step).index_add_(0, step.flat, torch.cat([g_pos, g_neg.reshape(-1)]))
+    grad_p = torch.zeros_like(p_active).index_add_(0, step.row_client, grad_b[:, None] * q_step)
+    grad_p.add_(p_active, alpha=config.l2)
+    grad_q = torch.addcmul(config.l2 * q_step, grad_b[:, None], p_rows)  # every row of step.rows is touched
 
     q.index_copy_(0, step.rows, q_step - config.lr * grad_q)
     b.index_copy_(0, step.rows, b_step - config.lr * grad_b)
