@@ -163,27 +163,62 @@ def _fold_in_chunk(
     weighted = q_hist * (side * s_hist * (1.0 - s_hist))[:, :, None]
     hessian = torch.bmm(weighted.transpose(1, 2), q_hist) + hist.weight[:, None, None] * catalogue.hessian0
     hessian.diagonal(dim1=1, dim2=2).add_(l2)
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))  # BFGS keeps the inverse Hessian
+    bfgs = _InverseBFGS(torch.linalg.cholesky(hessian), l2)
 
     p = torch.zeros(n, dim, dtype=q.dtype, device=q.device)
     active = torch.arange(n, device=q.device)  # shoppers still moving; p_active, gradient, ...: theirs
     p_active = p
     for step_index in range(iterations):
-        step = -_matvec(inverse, gradient)
+        step = -bfgs.apply(gradient)
         p_active = p_active + step
         p[active] = p_active
         moving = step.abs().amax(1) > tolerance
         if step_index == iterations - 1 or not bool(moving.any()):
             break
         if not bool(moving.all()):
-            active, p_active, step, gradient, inverse, q_hist = (
-                t[moving] for t in (active, p_active, step, gradient, inverse, q_hist)
-            )
-            hist = hist[moving]
+            active, p_active, step, gradient, q_hist = (t[moving] for t in (active, p_active, step, gradient, q_hist))
+            hist, bfgs = hist[moving], bfgs[moving]
         new_gradient = _gradient(catalogue, hist, q_hist, p_active, l2)
-        inverse = _bfgs_update(inverse, step, new_gradient - gradient, l2)
+        bfgs.update(step, new_gradient - gradient)
         gradient = new_gradient
     return p
+
+
+class _InverseBFGS:
+    """Inverse Hessian approximations of a batch of shoppers, in limited-memory form.
+
+    ``H_0^{-1}`` is given by its Cholesky factor (the exact Hessian at ``p = 0``); each update with a
+    step ``s`` and gradient change ``y`` is ``H+ = (I - r s y^T) H (I - r y s^T) + r s s^T``,
+    ``r = 1 / y.s``, applied by the two-loop recursion (all pairs are kept: fold-in takes few steps).
+    The objective is ``l2``-strongly convex, so ``y.s >= l2 |s|^2``; a pair that misses half of that
+    (float rounding of a tiny step) is left out (``r = 0``), which keeps ``H`` positive definite.
+    """
+
+    def __init__(self, cholesky: torch.Tensor, l2: float) -> None:
+        self.cholesky, self.l2 = cholesky, l2
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, r)
+
+    def apply(self, gradient: torch.Tensor) -> torch.Tensor:
+        """``H^{-1} gradient`` for every shopper."""
+        v, alphas = gradient, []
+        for s, y, r in reversed(self.pairs):
+            alpha = r * (s * v).sum(1, keepdim=True)
+            v = v - alpha * y
+            alphas.append(alpha)
+        v = torch.cholesky_solve(v.unsqueeze(-1), self.cholesky).squeeze(-1)
+        for (s, y, r), alpha in zip(self.pairs, reversed(alphas)):
+            v = v + (alpha - r * (y * v).sum(1, keepdim=True)) * s
+        return v
+
+    def update(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        ys = (y * s).sum(1, keepdim=True)
+        curved = ys > 0.5 * self.l2 * (s * s).sum(1, keepdim=True)
+        self.pairs.append((s, y, torch.where(curved, 1.0 / torch.where(curved, ys, 1.0), 0.0)))
+
+    def __getitem__(self, rows: torch.Tensor) -> _InverseBFGS:
+        kept = _InverseBFGS(self.cholesky[rows], self.l2)
+        kept.pairs = [(s[rows], y[rows], r[rows]) for s, y, r in self.pairs]
+        return kept
 
 
 def _gradient(
@@ -200,28 +235,6 @@ def _gradient(
 def _history_sum(coefficients: torch.Tensor, q_hist: torch.Tensor) -> torch.Tensor:
     """``sum_k coefficients[:, k] q_hist[:, k]``: ``[n, dim]``."""
     return torch.bmm(coefficients.unsqueeze(1), q_hist).squeeze(1)
-
-
-def _bfgs_update(inverse: torch.Tensor, s: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
-    """BFGS update of inverse Hessians ``[n, dim, dim]`` from steps ``s`` and gradient changes ``y``.
-
-    ``H+ = (I - r s y^T) H (I - r y s^T) + r s s^T`` with ``r = 1 / y.s``. The objective is
-    ``l2``-strongly convex, so ``y.s >= l2 |s|^2``; a pair that misses half of that (float rounding
-    of a tiny step) leaves ``H`` as it is, which keeps it positive definite.
-    """
-    u = _matvec(inverse, y)
-    ys = (y * s).sum(1)
-    curved = ys > 0.5 * l2 * (s * s).sum(1)
-    r = torch.where(curved, 1.0 / torch.where(curved, ys, 1.0), 0.0)
-    left = (r * r * (y * u).sum(1) + r)[:, None] * s - r[:, None] * u
-    return inverse.addcmul(left[:, :, None], s[:, None, :]).addcmul_(
-        (r[:, None] * s)[:, :, None], u[:, None, :], value=-1.0
-    )
-
-
-def _matvec(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """``matrices[k] @ vectors[k]`` for every ``k`` (faster than a batched matmul for small matrices)."""
-    return (matrices * vectors[:, None, :]).sum(2)
 
 
 def score_all(table: ItemTable, user_vectors: torch.Tensor) -> torch.Tensor:
