@@ -166,7 +166,8 @@ def run(args: argparse.Namespace) -> dict:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 command = [sys.executable, "-m", "fedml.serving", "--model-dir", str(model_dir), "--port", str(port),
-                           "--workers", str(workers), "--max-batch", str(args.max_batch)]  # fmt: skip
+                           "--workers", str(workers), "--max-batch", str(args.max_batch),
+                           "--compute-threads", str(args.compute_threads)]  # fmt: skip
                 log = Path(tmp) / f"serve-{workers}-{concurrency}.log"
                 with log.open("w") as handle:
                     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--workers", type=int, nargs="+", default=[2], help="server processes")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--compute-threads", type=int, default=1, help="batches computed at once per worker")
     parser.add_argument("--max-history", type=int, default=10)
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per run at most")
     parser.add_argument("--seed", type=int, default=0)

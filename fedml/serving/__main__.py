@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poll-seconds", type=float, default=defaults.poll_seconds,
                         help="how often to look for a new version (default: %(default)s)")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
+    parser.add_argument("--compute-threads", type=int, default=defaults.compute_threads,
+                        help="batches computed at once per worker (default: %(default)s)")  # fmt: skip
     parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per worker (default: 1)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
@@ -40,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "set MLFLOW_TRACKING_URI to the tracking server (the pipeline's embedded store is "
             "sqlite:///$PWD/.fedml/mlflow.db; `make serve` uses it by default), or give --model-dir"
         )
-    if args.workers < 1 or args.poll_seconds <= 0 or args.max_batch < 1 or args.torch_threads < 1:
-        parser.error("--workers, --max-batch and --torch-threads must be >= 1 and --poll-seconds > 0")
+    if min(args.workers, args.max_batch, args.compute_threads, args.torch_threads) < 1 or args.poll_seconds <= 0:
+        parser.error("--workers, --max-batch, --compute-threads and --torch-threads must be >= 1, --poll-seconds > 0")
     return args
 
 
@@ -61,7 +63,10 @@ def create_app_from_environment() -> Any:
 
         source = RegistrySource(config["model"], config["alias"], tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
     settings = ServiceSettings(
-        token=os.environ.get(TOKEN_ENV) or None, poll_seconds=config["poll_seconds"], max_batch=config["max_batch"]
+        token=os.environ.get(TOKEN_ENV) or None,
+        poll_seconds=config["poll_seconds"],
+        max_batch=config["max_batch"],
+        compute_threads=config["compute_threads"],
     )
     return create_app(source, settings)
 
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ[CONFIG_ENV] = json.dumps({
         "model": args.model, "alias": args.alias, "model_dir": args.model_dir, "poll_seconds": args.poll_seconds,
-        "max_batch": args.max_batch, "torch_threads": args.torch_threads,
+        "max_batch": args.max_batch, "compute_threads": args.compute_threads, "torch_threads": args.torch_threads,
     })  # fmt: skip
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")

@@ -46,6 +46,7 @@ class ServiceSettings:
     max_page: int = 200  # GET /items limit
     poll_seconds: float = 10.0  # how often the source is asked for a new version
     max_batch: int = 32
+    compute_threads: int = 1  # batches computed at once (each on one thread)
 
 
 # ------------------------------------------------------------------------------------ schemas
@@ -106,41 +107,49 @@ def _request_model(settings: ServiceSettings) -> type[BaseModel]:
 
 
 class MicroBatcher:
-    """Runs ``compute`` on everything queued at once, in one background thread."""
+    """Runs ``compute`` on everything queued at once, in up to ``threads`` background threads.
 
-    def __init__(self, compute: Callable[[list[Any]], list[Any]], max_batch: int) -> None:
+    A request that finds a thread idle starts a batch at once; the others queue, and the next free
+    thread takes all of them (up to ``max_batch``). Nothing waits for a batch to fill.
+    """
+
+    def __init__(self, compute: Callable[[list[Any]], list[Any]], max_batch: int, threads: int = 1) -> None:
         self.compute = compute
         self.max_batch = max_batch
+        self.threads = threads
         self._pending: list[tuple[Any, asyncio.Future]] = []
-        self._running = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recommend")
+        self._in_flight = 0
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="recommend")
 
     async def submit(self, request: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
-        if not self._running:
-            self._running = True
-            loop.create_task(self._drain())
+        self._start_batches()
         return await future
 
-    async def _drain(self) -> None:
+    def _start_batches(self) -> None:
         loop = asyncio.get_running_loop()
+        while self._pending and self._in_flight < self.threads:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            self._in_flight += 1
+            loop.create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
         try:
-            while self._pending:
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                try:
-                    results = await loop.run_in_executor(self._executor, self.compute, [r for r, _ in batch])
-                except Exception as exc:  # every waiting request gets the error
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (_, future), result in zip(batch, results):
-                    if not future.done():
-                        future.set_result(result)
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.compute, [r for r, _ in batch]
+            )
+        except Exception as exc:  # every request of the batch gets the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
         finally:
-            self._running = False
+            self._in_flight -= 1
+            self._start_batches()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -162,7 +171,7 @@ def create_app(source: ModelSource, settings: ServiceSettings | None = None) -> 
         recommendations = model.index.recommend_many([items for items, _ in requests], [k for _, k in requests])
         return [(model, rec) for rec in recommendations]
 
-    batcher = MicroBatcher(compute, settings.max_batch)
+    batcher = MicroBatcher(compute, settings.max_batch, settings.compute_threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -189,7 +198,7 @@ def create_app(source: ModelSource, settings: ServiceSettings | None = None) -> 
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
-    def authorised(request: Request) -> None:
+    async def authorised(request: Request) -> None:  # async: no thread hop per request
         if settings.token is None:
             return
         header = request.headers.get("authorization", "")

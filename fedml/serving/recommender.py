@@ -117,16 +117,17 @@ class ServingIndex:
 
     def __init__(self, recommender: Recommender, tolerance: float = 1e-3, max_steps: int = 30) -> None:
         self.recommender = recommender
+        self.position = {item: i for i, item in enumerate(recommender.ids.items)}  # faster than a lookup per call
         self.tolerance = tolerance
         self.max_steps = max_steps
         table = recommender.table
         self.q = table.embeddings.detach().to("cpu", torch.float32).contiguous()
         self.q_t = self.q.T.contiguous()
         self.b = table.bias.detach().to("cpu", torch.float32).contiguous()
-        self.q64 = self.q.double()
+        self.q64 = self.q.double().numpy()
         # at p = 0 every shopper's scores are the biases: the catalogue's part of the first gradient
         # and Hessian is the same for all, computed once here
-        self.s0 = torch.sigmoid(self.b.double())
+        self.s0 = 1.0 / (1.0 + np.exp(-self.b.double().numpy()))
         self.w0 = self.s0 * (1.0 - self.s0)
         self.grad0 = self.s0 @ self.q64
         self.hessian0 = (self.q64 * self.w0[:, None]).T @ self.q64
@@ -145,10 +146,9 @@ class ServingIndex:
             return []
         known, unknown = [], []
         for history in histories:
-            history = [str(i) for i in history]
-            indices = self.recommender.ids.item_index(history, errors="ignore")
-            known.append(np.unique(indices[indices >= 0]))
-            unknown.append([i for i, idx in zip(history, indices) if idx < 0])
+            indices = [self.position.get(str(item), -1) for item in history]
+            known.append(np.unique(np.array([i for i in indices if i >= 0], dtype=np.int64)))
+            unknown.append([str(item) for item, i in zip(history, indices) if i < 0])
         with torch.no_grad():
             scores = self.scores(known)
             for row, seen in enumerate(known):
@@ -176,84 +176,88 @@ class ServingIndex:
         return self.recommender.ids.item_ids(seen[closest.numpy()])
 
     def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
-        """``[len(histories), n_items]`` scores at each shopper's folded-in vector (histories: unique indices)."""
+        """``[len(histories), n_items]`` scores at each shopper's folded-in vector (histories: unique indices).
+
+        The passes over the catalogue are torch matrix products; the small per-shopper algebra
+        (``dim x dim`` Hessians) is numpy, whose per-call overhead is a fraction of torch's.
+        """
         rec, n, dim = self.recommender, self.n_items, self.q.shape[1]
         out = self.b.repeat(len(histories), 1)  # an empty history's optimum is p = 0: the biases
-        rows = [r for r, h in enumerate(histories) if len(h)]
-        if not rows:
+        rows = np.array([r for r, h in enumerate(histories) if len(h)], dtype=np.int64)
+        if not len(rows):
             return out
         width = max(len(histories[r]) for r in rows)
-        hist = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.float64)
+        hist = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width))
         for j, r in enumerate(rows):
-            hist[j, : len(histories[r])] = torch.as_tensor(histories[r], dtype=torch.long)
+            hist[j, : len(histories[r])] = histories[r]
             mask[j, : len(histories[r])] = 1.0
         sizes = mask.sum(1)
-        c = rec.negatives * sizes / (n - sizes).clamp(min=1.0)  # expected negative weight, as in fold_in
+        c = rec.negatives * sizes / np.maximum(n - sizes, 1.0)  # expected negative weight, as in fold_in
         q_hist = self.q64[hist] * mask[..., None]  # [rows, width, dim]; padding rows are zero
-        eye = rec.fold_in_l2 * torch.eye(dim, dtype=torch.float64)
+        eye = rec.fold_in_l2 * np.eye(dim)
         # negative term over every item but the history's: exact at p = 0, then BFGS
-        w_hist = self.w0[hist] * mask
-        neg_hessian = c[:, None, None] * (self.hessian0 - _weighted_gram(w_hist, q_hist))
-        p = torch.zeros(len(rows), dim, dtype=torch.float64)
-        neg_grad, pos_grad, pos_hessian = self._terms(self.grad0, self.s0[hist] * mask, mask, q_hist, c)
-        active = torch.arange(len(rows))
+        neg_hessian = c[:, None, None] * (self.hessian0 - _weighted_gram(self.w0[hist] * mask, q_hist))
+        p = np.zeros((len(rows), dim))
+        neg_grad, pos_grad, pos_hessian = _terms(self.grad0, self.s0[hist] * mask, mask, q_hist, c)
+        active = np.arange(len(rows))  # which of ``rows`` are still being solved
         for _ in range(self.max_steps):
             grad = neg_grad + pos_grad + rec.fold_in_l2 * p
-            step = -_solve_spd(neg_hessian + pos_hessian + eye, grad)
+            step = -np.linalg.solve(neg_hessian + pos_hessian + eye, grad[..., None])[..., 0]
             p = p + step
-            z = torch.addmm(self.b, p.float(), self.q_t)
+            z = torch.addmm(self.b, torch.from_numpy(p.astype(np.float32)), self.q_t)
             s = torch.sigmoid(z)
-            s_hist = s.gather(1, hist).double() * mask
-            new_neg_grad, pos_grad, pos_hessian = self._terms((s @ self.q).double(), s_hist, mask, q_hist, c)
-            done = step.abs().amax(dim=1) <= self.tolerance
-            out[[rows[i] for i in active[done].tolist()]] = z[done]
-            keep = ~done
-            if not keep.any():
-                return out
+            s_hist = s.numpy()[np.arange(len(active))[:, None], hist].astype(np.float64) * mask
+            catalogue_grad = (s @ self.q).numpy().astype(np.float64)
+            new_neg_grad, pos_grad, pos_hessian = _terms(catalogue_grad, s_hist, mask, q_hist, c)
+            done = np.abs(step).max(axis=1) <= self.tolerance
+            if done.any():
+                out[torch.from_numpy(rows[active[done]])] = z[torch.from_numpy(done)]
+                if done.all():
+                    return out
             neg_hessian = _bfgs_update(neg_hessian, step, new_neg_grad - neg_grad)
-            active, p, z, neg_grad, pos_grad = active[keep], p[keep], z[keep], new_neg_grad[keep], pos_grad[keep]
-            neg_hessian, pos_hessian = neg_hessian[keep], pos_hessian[keep]
-            hist, mask, q_hist, c = hist[keep], mask[keep], q_hist[keep], c[keep]
-        out[[rows[i] for i in active.tolist()]] = z
+            neg_grad = new_neg_grad
+            if done.any():
+                keep = ~done
+                active, p, neg_grad, pos_grad, neg_hessian = (
+                    active[keep],
+                    p[keep],
+                    neg_grad[keep],
+                    pos_grad[keep],
+                    neg_hessian[keep],
+                )
+                pos_hessian, hist, mask, q_hist, c = pos_hessian[keep], hist[keep], mask[keep], q_hist[keep], c[keep]
+        out[torch.from_numpy(rows[active])] = z[torch.from_numpy(~done)] if done.any() else z
         return out
 
-    @staticmethod
-    def _terms(
-        catalogue_grad: torch.Tensor, s_hist: torch.Tensor, mask: torch.Tensor, q_hist: torch.Tensor, c: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradient of the negative term, gradient and Hessian of the history's own term, from the
-        catalogue sum ``sum_j sigmoid(z_j) q_j`` and the history's sigmoids ``s_hist`` (zero-padded)."""
-        neg_grad = c[:, None] * (catalogue_grad - _weighted_sum(s_hist, q_hist))
-        pos_grad = _weighted_sum(s_hist - mask, q_hist)
-        pos_hessian = _weighted_gram(s_hist * (1.0 - s_hist), q_hist)
-        return neg_grad, pos_grad, pos_hessian
+
+def _terms(
+    catalogue_grad: np.ndarray, s_hist: np.ndarray, mask: np.ndarray, q_hist: np.ndarray, c: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradient of the negative term, gradient and Hessian of the history's own term, from the
+    catalogue sum ``sum_j sigmoid(z_j) q_j`` and the history's sigmoids ``s_hist`` (zero-padded)."""
+    neg_grad = c[:, None] * (catalogue_grad - _weighted_sum(s_hist, q_hist))
+    pos_grad = _weighted_sum(s_hist - mask, q_hist)
+    pos_hessian = _weighted_gram(s_hist * (1.0 - s_hist), q_hist)
+    return neg_grad, pos_grad, pos_hessian
 
 
-def _solve_spd(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """``matrices[r]^-1 vectors[r]`` by Cholesky (the Hessians are positive definite), LU if one is not."""
-    factors, info = torch.linalg.cholesky_ex(matrices)
-    if bool((info != 0).any()):
-        return torch.linalg.solve(matrices, vectors.unsqueeze(-1)).squeeze(-1)
-    return torch.cholesky_solve(vectors.unsqueeze(-1), factors).squeeze(-1)
-
-
-def _weighted_sum(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+def _weighted_sum(weights: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """``sum_l weights[r, l] * vectors[r, l]``: ``[rows, width] x [rows, width, dim] -> [rows, dim]``."""
-    return (weights.unsqueeze(1) @ vectors).squeeze(1)
+    return (weights[:, None, :] @ vectors)[:, 0, :]
 
 
-def _weighted_gram(weights: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+def _weighted_gram(weights: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """``sum_l weights[r, l] * outer(vectors[r, l])``: ``-> [rows, dim, dim]``."""
-    return (vectors * weights.unsqueeze(-1)).transpose(1, 2) @ vectors
+    return (vectors * weights[..., None]).transpose(0, 2, 1) @ vectors
 
 
-def _bfgs_update(hessian: torch.Tensor, step: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+def _bfgs_update(hessian: np.ndarray, step: np.ndarray, change: np.ndarray) -> np.ndarray:
     """BFGS update of a batch of Hessian approximations from steps and gradient changes."""
-    hs = (hessian @ step.unsqueeze(-1)).squeeze(-1)
+    hs = (hessian @ step[..., None])[..., 0]
     ys, shs = (change * step).sum(1), (step * hs).sum(1)
     curved = (ys > 1e-12) & (shs > 1e-12)  # always on a convex loss, unless the step vanished
-    ys, shs = torch.where(curved, ys, 1.0), torch.where(curved, shs, 1.0)
+    ys, shs = np.where(curved, ys, 1.0), np.where(curved, shs, 1.0)
     update = (
         change[:, :, None] * change[:, None, :] / ys[:, None, None]
         - hs[:, :, None] * hs[:, None, :] / shs[:, None, None]
