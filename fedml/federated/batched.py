@@ -119,8 +119,8 @@ def batched_client_updates(
         rows=plan.rows,
         owner=plan.owner,
         offsets=plan.offsets,
-        delta_embeddings=q - q0,
-        delta_bias=b - b0,
+        delta_embeddings=q.sub_(q0),
+        delta_bias=b.sub_(b0),
         num_examples=num_examples,
         losses=losses,
     )
@@ -268,7 +268,8 @@ def _batched_sgd_step(
     p_active = p[step.active]
     q_step, b_step = q[step.rows], b[step.rows]
     p_rows = p_active[step.row_client]  # [U, d]: each row's client's vector
-    scores = ((q_step * p_rows).sum(1) + b_step)[step.flat]
+    work = torch.mul(q_step, p_rows)  # [U, d] scratch, reused below (fewer large allocations)
+    scores = (work.sum(1) + b_step)[step.flat]
     pos_client = step.row_client[step.flat[:n]]  # [N]: each positive's client
     size = step.batch_size[pos_client].to(q.dtype)
     s_pos, s_neg = scores[:n], scores[n:].view(n, k)
@@ -279,10 +280,12 @@ def _batched_sgd_step(
     loss_sums.index_add_(0, step.active, (client_loss / step.batch_size.to(q.dtype)).double())
 
     grad_b = torch.zeros_like(b_step).index_add_(0, step.flat, torch.cat([g_pos, g_neg.reshape(-1)]))
-    grad_p = torch.zeros_like(p_active).index_add_(0, step.row_client, grad_b[:, None] * q_step)
-    grad_p.add_(p_active, alpha=config.l2)
-    grad_q = torch.addcmul(config.l2 * q_step, grad_b[:, None], p_rows)  # every row of step.rows is touched
+    grad_p = torch.zeros_like(p_active).index_add_(0, step.row_client, torch.mul(q_step, grad_b[:, None], out=work))
+    grad_p += config.l2 * p_active
+    grad_q = torch.mul(q_step, config.l2, out=work).addcmul_(
+        grad_b[:, None], p_rows
+    )  # every row of step.rows is touched
 
-    q.index_copy_(0, step.rows, q_step - config.lr * grad_q)
+    q.index_copy_(0, step.rows, q_step.sub_(grad_q, alpha=config.lr))
     b.index_copy_(0, step.rows, b_step - config.lr * grad_b)
     p.index_copy_(0, step.active, p_active - config.lr * grad_p)
