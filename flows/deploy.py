@@ -79,6 +79,7 @@ def deploy(
         description="Scheduled retraining of the shopping guide: validate, train with privacy, register, gate.",
         tags=["fedml", "retraining"],
         print_next_steps=False,
+        ignore_warnings=True,  # a process pool is the point here, not a development stand-in
     )
 
 
