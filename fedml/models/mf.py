@@ -161,25 +161,33 @@ def _fold_in_chunk(
     side = (1.0 - hist.weight)[:, None] * hist.mask  # a history item counts as a positive (1), not as a negative (c)
     gradient = _history_sum(side * s_hist - hist.mask, q_hist) + hist.weight[:, None] * catalogue.gradient0
     weighted = q_hist * (side * s_hist * (1.0 - s_hist))[:, :, None]
-    hessian = torch.bmm(weighted.transpose(1, 2), q_hist) + hist.weight[:, None, None] * catalogue.hessian0
-    hessian.diagonal(dim1=1, dim2=2).add_(l2)
+    hessian = torch.bmm(weighted.transpose(1, 2), q_hist)
+    hessian.addcmul_(hist.weight[:, None, None], catalogue.hessian0).diagonal(dim1=1, dim2=2).add_(l2)
     bfgs = _InverseBFGS(torch.linalg.cholesky(hessian), l2)
+    del weighted, hessian
 
     p = torch.zeros(n, dim, dtype=q.dtype, device=q.device)
-    active = torch.arange(n, device=q.device)  # shoppers still moving; p_active, gradient, ...: theirs
+    active = torch.arange(n, device=q.device)  # p_active, gradient, ...: the rows of these shoppers
     p_active = p
+    done = torch.zeros(n, dtype=torch.bool, device=q.device)  # stopped, but still carried along
+    scores = torch.empty(n, q.shape[0], dtype=q.dtype, device=q.device)  # reused by every gradient
     for step_index in range(iterations):
         step = -bfgs.apply(gradient)
+        step.masked_fill_(done[:, None], 0.0)
         p_active = p_active + step
         p[active] = p_active
-        moving = step.abs().amax(1) > tolerance
-        if step_index == iterations - 1 or not bool(moving.any()):
+        done |= step.abs().amax(1) <= tolerance
+        stopped = int(done.sum())
+        if step_index == iterations - 1 or stopped == len(done):
             break
-        if not bool(moving.all()):
-            active, p_active, step, gradient, q_hist = (t[moving] for t in (active, p_active, step, gradient, q_hist))
+        if 8 * stopped > len(done):  # drop the stopped shoppers once they are worth a copy
+            moving = ~done
+            active, p_active, step, gradient, q_hist, done = (
+                t[moving] for t in (active, p_active, step, gradient, q_hist, done)
+            )
             hist, bfgs = hist[moving], bfgs[moving]
-        new_gradient = _gradient(catalogue, hist, q_hist, p_active, l2)
-        bfgs.update(step, new_gradient - gradient)
+        new_gradient = _gradient(catalogue, hist, q_hist, p_active, l2, scores[: len(done)])
+        bfgs.update(step, new_gradient - gradient)  # a stopped shopper's zero step leaves its H as it is
         gradient = new_gradient
     return p
 
@@ -222,11 +230,14 @@ class _InverseBFGS:
 
 
 def _gradient(
-    catalogue: _Catalogue, hist: _Histories, q_hist: torch.Tensor, p: torch.Tensor, l2: float
+    catalogue: _Catalogue, hist: _Histories, q_hist: torch.Tensor, p: torch.Tensor, l2: float, out: torch.Tensor
 ) -> torch.Tensor:
-    """The fold-in objective's gradient at ``p`` (``[n, dim]``; ``q_hist``: the histories' item rows)."""
+    """The fold-in objective's gradient at ``p`` (``[n, dim]``; ``q_hist``: the histories' item rows).
+
+    ``out`` (``[n, n_items]``) receives the scores' sigmoids.
+    """
     q, b = catalogue.q, catalogue.b
-    s = torch.addmm(b, p, q.T).sigmoid_()  # [n, n_items]
+    s = torch.addmm(b, p, q.T, out=out).sigmoid_()
     s_hist = s.gather(1, hist.items)
     history = _history_sum(((1.0 - hist.weight)[:, None] * s_hist - 1.0) * hist.mask, q_hist)
     return torch.addcmul(history, hist.weight[:, None], s @ q).add_(p, alpha=l2)
