@@ -144,6 +144,41 @@ def spot_check(url: str, recommender, sessions: list[list[str]], k: int) -> dict
     }
 
 
+class CpuMeter:
+    """CPU time (in cores busy) of the server, of this client and of every other process during a run."""
+
+    def __init__(self, server_pid: int) -> None:
+        import psutil
+
+        self.server = psutil.Process(server_pid)
+        self.start = (time.perf_counter(), _busy_seconds(), self._server_seconds(), _own_seconds())
+
+    def _server_seconds(self) -> float:
+        processes = [self.server, *self.server.children(recursive=True)]
+        return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+    def stop(self) -> dict[str, float]:
+        wall, busy, server, own = (a - b for a, b in zip(
+            (time.perf_counter(), _busy_seconds(), self._server_seconds(), _own_seconds()), self.start))  # fmt: skip
+        return {
+            "server_cores": round(server / wall, 2),
+            "client_cores": round(own / wall, 2),
+            "other_processes_cores": round(max(0.0, busy - server - own) / wall, 2),
+            "machine_busy_cores": round(busy / wall, 2),
+        }
+
+
+def _busy_seconds() -> float:
+    """CPU seconds all processes spent since boot (/proc/stat: everything but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def machine() -> dict:
     from importlib.metadata import version
 
@@ -175,13 +210,14 @@ def run(args: argparse.Namespace) -> dict:
                     wait_ready(url, process)
                     agree = spot_check(url, recommender, sessions[:20], args.k)
                     asyncio.run(load(url + "/recommend", bodies[: args.warmup], concurrency, args.time_limit))
-                    loadavg_before = os.getloadavg()[0]
+                    meter = CpuMeter(process.pid)
                     outcome = asyncio.run(load(url + "/recommend", bodies[args.warmup :], concurrency, args.time_limit))
+                    cpu = meter.stop()
                 finally:
                     process.terminate()
                     process.wait(timeout=30)
                 outcome = {"server_workers": workers, "concurrency": concurrency, **outcome,
-                           **agree, "load_average_before": round(loadavg_before, 2)}  # fmt: skip
+                           **agree, "cpu": cpu}  # fmt: skip
                 results.append(outcome)
                 print(json.dumps(outcome), flush=True)
     best = max(

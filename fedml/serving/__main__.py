@@ -8,13 +8,19 @@ the model and polls for new versions on its own.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-from typing import Any
 
-from fedml.serving.api import ServiceSettings
+# One BLAS thread per process, set before numpy loads: the service's parallelism is its workers and
+# batches, and idle BLAS threads spinning for work took CPU from the request path.
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+from fedml.serving.api import ServiceSettings  # noqa: E402
 
 CONFIG_ENV = "FEDML_SERVE_CONFIG"  # how the options reach each worker process
 TOKEN_ENV = "FEDML_SERVE_TOKEN"
