@@ -76,7 +76,7 @@ def fold_in(
     l2: float,
     iterations: int = FOLD_IN_ITERATIONS,
     tolerance: float = FOLD_IN_TOLERANCE,
-    chunk_size: int = 4096,
+    chunk_size: int = 512,
 ) -> torch.Tensor:
     """User vectors for shoppers known only by their histories (item indices), item table frozen.
 
@@ -103,7 +103,8 @@ def fold_in(
     catalogue = _Catalogue(q=q, b=b, hessian0=q.T @ (q * (s0 * (1.0 - s0))[:, None]), gradient0=s0 @ q)
     sizes = np.array([len(items) for items in histories], dtype=np.int64)
     order = np.argsort(sizes, kind="stable")  # chunks of similar history lengths: little padding
-    # a chunk's [shoppers, n_items] scores near 64 MiB of floats, its padded histories near 1 MiB entries
+    # chunks of at most chunk_size shoppers (small working sets stay in cache), [shoppers, n_items] scores
+    # at most 64 MiB of floats, padded histories at most 1 Mi entries
     max_rows = max(1, min(chunk_size, 16_000_000 // max(1, n_items)))
     start = 0
     while start < len(order):
