@@ -51,3 +51,22 @@ bench-serve: $(STAMP)
 
 clean:
 	rm -rf .fedml .pytest_cache
+
+# Scheduled retraining (flows/deploy.py): the deployment shopping-guide-training/nightly, cron 0 2 * * * UTC, on the
+# process work pool $(POOL) of the Prefect server at PREFECT_API_URL; `make worker` runs its flow runs.
+# DEPLOY_ARGS: --cron, --timezone, --set section.key=value, --policy, --serve (no pool: this process runs the schedule).
+.PHONY: deploy worker stack-up stack-down
+POOL ?= fedml
+deploy: $(STAMP)
+	$(PY) -m flows.deploy --pool $(POOL) $(DEPLOY_ARGS)
+
+worker: $(STAMP)
+	$(VENV)/bin/prefect worker start --pool $(POOL) --type process --install-policy never
+
+# The production stack on this host without containers (infra/local): PostgreSQL, MLflow server, Prefect server, the
+# deployment, a worker and the serving API; data, logs, pid files and secrets in .fedml/stack. SERVICES: a subset.
+stack-up: $(STAMP)
+	infra/local/start.sh $(SERVICES)
+
+stack-down:
+	infra/local/stop.sh $(SERVICES)

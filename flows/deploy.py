@@ -92,6 +92,12 @@ def serve(name: str, cron: str, timezone: str, flow_parameters: dict[str, Any]) 
     training_pipeline.serve(name=name, schedules=[Cron(cron, timezone=timezone)], parameters=flow_parameters)
 
 
+def _api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.splitlines()[0])
     parser.add_argument("--name", default=DEPLOYMENT, help="deployment name (default: %(default)s)")
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     flow_parameters = parameters(args.config, args.overrides, args.policy)
+    if not args.serve and not _api_url():
+        parser.error("set PREFECT_API_URL to the Prefect server (after `make stack-up`: . .fedml/stack/env)")
     if args.serve:
         serve(args.name, args.cron, args.timezone, flow_parameters)
         return 0

@@ -25,3 +25,21 @@ database_url() {
   printf '%s://%s:%s@%s:%s/%s' "$1" "${FEDML_DB_USER:-fedml}" "$(printf '%s' "$FEDML_DB_PASSWORD" | url_quote)" \
     "${FEDML_DB_HOST:-127.0.0.1}" "${FEDML_DB_PORT:-5432}" "$2"
 }
+
+# new_secret FILE MODE [PREFIX]: a random secret (48 hex digits) in FILE, unless FILE has one already
+new_secret() {
+  [ -s "$1" ] && return 0
+  (umask 077 && printf '%s%s\n' "${3:-}" "$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')" >"$1")
+  chmod "$2" "$1"
+}
+
+# stack_secrets DIR MODE: every secret the stack needs, generated once into DIR (itself mode 700)
+stack_secrets() {
+  mkdir -p "$1"
+  chmod 700 "$1"
+  new_secret "$1/db_password" "$2"           # PostgreSQL role fedml
+  new_secret "$1/mlflow_admin_password" "$2" # MLflow basic auth: user admin
+  new_secret "$1/mlflow_secret_key" "$2"     # MLflow auth app: CSRF signing key
+  new_secret "$1/prefect_auth" "$2" "admin:" # Prefect API basic auth, user:password
+  new_secret "$1/serve_token" "$2"           # bearer token for POST /recommend
+}

@@ -23,17 +23,10 @@ ARTIFACTS=${FEDML_ARTIFACTS_DESTINATION:-$STATE/mlartifacts}
 MLFLOW_URL=http://127.0.0.1:$MLFLOW_PORT
 PREFECT_URL=http://127.0.0.1:$PREFECT_PORT/api
 
-new_secret() {  # new_secret FILE [PREFIX]: a random secret, once
-  [ -s "$1" ] && return 0
-  (umask 077 && python -c 'import secrets, sys; print(sys.argv[1] + secrets.token_hex(24))' "${2:-}" >"$1")
-}
-mkdir -p "$SECRETS" "$RUN" "$LOGS"
-chmod 700 "$SECRETS"
-new_secret "$SECRETS/db_password"
-new_secret "$SECRETS/mlflow_admin_password"
-new_secret "$SECRETS/mlflow_secret_key"
-new_secret "$SECRETS/prefect_auth" "admin:"
-new_secret "$SECRETS/serve_token"
+# shellcheck source=../bin/secrets.sh
+. "$ROOT/infra/bin/secrets.sh"
+mkdir -p "$RUN" "$LOGS"
+stack_secrets "$SECRETS" 600
 
 export FEDML_DB_HOST=127.0.0.1 FEDML_DB_PORT=$PG_PORT FEDML_DB_USER=${FEDML_DB_USER:-fedml}
 export FEDML_DB_PASSWORD_FILE=$SECRETS/db_password
