@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedml.data.interactions import UserItems
+from fedml.federated import batched
 from fedml.federated.aggregation import DPFedAvg, FedAvg
 from fedml.federated.batched import BatchedUpdate, batched_client_updates
 from fedml.federated.client import LocalTraining, client_update
@@ -101,6 +102,21 @@ def test_batched_updates_equal_the_reference(config, dtype, atol):
 
 def _dp(clip: float, sigma: float) -> DPFedAvg:
     return DPFedAvg(clip, sigma, weight_cap=20.0, expected_weight=3.5, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_a_step_run_as_groups_of_clients_gives_the_same_updates(monkeypatch, group):
+    """Clients are independent: one SGD step may run as several batches of clients (CLIENT_GROUP)."""
+    table, clients, config = _table(torch.float64), _clients(), CONFIGS[1]
+    vectors = _vectors(len(clients), torch.float64)
+    whole, whole_vectors = batched_client_updates(table, clients, vectors, config, _draws(clients, config))
+    monkeypatch.setattr(batched, "CLIENT_GROUP", group)
+    split, split_vectors = batched_client_updates(table, clients, vectors, config, _draws(clients, config))
+    assert torch.equal(split.rows, whole.rows) and torch.equal(split.owner, whole.owner)
+    torch.testing.assert_close(split.delta_embeddings, whole.delta_embeddings, atol=1e-12, rtol=0)
+    torch.testing.assert_close(split.delta_bias, whole.delta_bias, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.stack(split_vectors), torch.stack(whole_vectors), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(split.losses, whole.losses, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,11 @@ arithmetic is batched:
 * every client gets a private copy of the item rows it touches; the copies of all clients sit in one
   ``[sum_r, dim]`` tensor (client by client, rows sorted by item within a client: the row order of
   the reference's ``np.unique``), so clients never see each other's steps;
-* SGD step ``s`` of every client runs at once (a client's steps are its epochs' mini-batches in
-  order; a client with fewer steps has finished and sits out the later ones). Each step works on the
-  step's touched rows only and accumulates every row's gradient in the reference's order (the
-  batch's positives, then its negatives);
+* SGD step ``s`` of every client runs at once, in batches of :data:`CLIENT_GROUP` clients that keep
+  the working set in cache (a client's steps are its epochs' mini-batches in order; a client with
+  fewer steps has finished and sits out the later ones). Each step works on the step's touched rows
+  only. A row copy belongs to one client, so a row's gradient is the sum of its entries' score
+  gradients (the batch's positives, then its negatives) times the client's vector;
 * update norms, losses and clipping factors are segment sums over the clients' rows.
 
 First-time clients are folded in together (:func:`fedml.models.mf.fold_in` of all their histories).
@@ -153,6 +154,10 @@ def _initial_vectors(
     return p
 
 
+#: clients per batch of one SGD step (see ``_plan``)
+CLIENT_GROUP = 256
+
+
 @dataclass
 class _Plan:
     rows: torch.Tensor  # [R]: item of each private row copy
@@ -205,14 +210,16 @@ def _plan(
     size = np.minimum(bs, n_ex - batch_index * bs)
     steps_per_client = epochs * batches
 
-    by_step = np.argsort(step, kind="stable")  # stable: clients in order, a batch in its order
-    owner, pos_row, neg_row, size, step = (a[by_step] for a in (owner, pos_row, neg_row, size, step))
-    n_steps = int(steps_per_client.max()) if n_clients else 0
-    bounds = np.searchsorted(step, np.arange(n_steps + 1))
+    # Clients are independent, so a step may run as several batches of clients: groups of
+    # CLIENT_GROUP clients keep each batch's working set small (in cache). Sorted by (step, group).
+    n_groups = -(-n_clients // CLIENT_GROUP)
+    batch_key = step * n_groups + owner // CLIENT_GROUP
+    by_batch = np.argsort(batch_key, kind="stable")  # stable: clients in order, a batch in its order
+    owner, pos_row, neg_row, size, batch_key = (a[by_batch] for a in (owner, pos_row, neg_row, size, batch_key))
+    bounds = np.flatnonzero(np.diff(batch_key, prepend=-1, append=-1))  # where a (step, group) batch starts
 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ("active", "bsize", "rows", "row_client", "flat")}
-    for s in range(n_steps):
-        lo, hi = bounds[s], bounds[s + 1]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
         ex_owner = owner[lo:hi]  # sorted: clients in order
         active, first = np.unique(ex_owner, return_index=True)
         step_rows, flat = np.unique(np.concatenate([pos_row[lo:hi], neg_row[lo:hi].ravel()]), return_inverse=True)
