@@ -221,8 +221,15 @@ def _plan(
     parts: dict[str, list[np.ndarray]] = {name: [] for name in ("active", "bsize", "rows", "row_client", "flat")}
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         ex_owner = owner[lo:hi]  # sorted: clients in order
-        active, first = np.unique(ex_owner, return_index=True)
-        step_rows, flat = np.unique(np.concatenate([pos_row[lo:hi], neg_row[lo:hi].ravel()]), return_inverse=True)
+        first = np.flatnonzero(np.diff(ex_owner, prepend=-1))
+        active = ex_owner[first]
+        # the batch's rows, sorted and deduplicated, without a sort: its clients own rows first_row:last_row
+        first_row, last_row = offsets[active[0]], offsets[active[-1] + 1]
+        entries = np.concatenate([pos_row[lo:hi], neg_row[lo:hi].ravel()]) - first_row
+        touched = np.zeros(last_row - first_row, dtype=bool)
+        touched[entries] = True
+        step_rows = np.flatnonzero(touched) + first_row
+        flat = (np.cumsum(touched) - 1)[entries]
         parts["active"].append(active)
         parts["bsize"].append(size[lo:hi][first])  # all of a client's examples share its batch size
         parts["rows"].append(step_rows)
