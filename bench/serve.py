@@ -189,37 +189,75 @@ def machine() -> dict:
             "packages": packages}  # fmt: skip
 
 
+def serve_and_load(model_dir: Path, recommender, sessions: list[list[str]], workers: int, concurrency: int,
+                   args: argparse.Namespace, log: Path) -> dict:  # fmt: skip
+    """Start the service on ``model_dir``, check a few answers, warm up, then the measured load."""
+    bodies = [json.dumps({"items": items, "k": args.k}).encode() for items in sessions]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "fedml.serving", "--model-dir", str(model_dir), "--port", str(port),
+               "--workers", str(workers), "--max-batch", str(args.max_batch),
+               "--compute-threads", str(args.compute_threads)]  # fmt: skip
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_ready(url, process)
+        agree = spot_check(url, recommender, sessions[:20], args.k)
+        asyncio.run(load(url + "/recommend", bodies[: args.warmup], concurrency, args.time_limit))
+        meter = CpuMeter(process.pid)
+        outcome = asyncio.run(load(url + "/recommend", bodies[args.warmup :], concurrency, args.time_limit))
+        cpu = meter.stop()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return {"server_workers": workers, "concurrency": concurrency, **outcome, **agree, "cpu": cpu}
+
+
+def hot_path(recommender, sessions: list[list[str]], k: int) -> dict[str, float]:
+    """In-process cost of ``ServingIndex.recommend_many`` per request, one thread, by batch size (best of 3)."""
+    import torch
+
+    from fedml.serving.recommender import ServingIndex
+
+    torch.set_num_threads(1)
+    index = ServingIndex(recommender)
+    sample = sessions[:64]
+    out = {}
+    for batch in (1, 4, 8, 16):
+        chunks = [sample[i : i + batch] for i in range(0, len(sample), batch)]
+        index.recommend_many(chunks[0], [k] * len(chunks[0]))
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for chunk in chunks:
+                index.recommend_many(chunk, [k] * len(chunk))
+            best = min(best, (time.perf_counter() - start) / len(sample))
+        out[f"batch_{batch}_ms_per_request"] = round(best * 1e3, 3)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     recommender, cluster = build_recommender(args.items, args.dim, args.clusters, args.seed)
     sessions = histories(cluster, args.requests + args.warmup, args.max_history, args.seed + 1)
-    bodies = [json.dumps({"items": items, "k": args.k}).encode() for items in sessions]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = recommender.save(Path(tmp) / "model")
         for workers in args.workers:
             for concurrency in args.concurrency:
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                command = [sys.executable, "-m", "fedml.serving", "--model-dir", str(model_dir), "--port", str(port),
-                           "--workers", str(workers), "--max-batch", str(args.max_batch),
-                           "--compute-threads", str(args.compute_threads)]  # fmt: skip
                 log = Path(tmp) / f"serve-{workers}-{concurrency}.log"
-                with log.open("w") as handle:
-                    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
-                try:
-                    wait_ready(url, process)
-                    agree = spot_check(url, recommender, sessions[:20], args.k)
-                    asyncio.run(load(url + "/recommend", bodies[: args.warmup], concurrency, args.time_limit))
-                    meter = CpuMeter(process.pid)
-                    outcome = asyncio.run(load(url + "/recommend", bodies[args.warmup :], concurrency, args.time_limit))
-                    cpu = meter.stop()
-                finally:
-                    process.terminate()
-                    process.wait(timeout=30)
-                outcome = {"server_workers": workers, "concurrency": concurrency, **outcome,
-                           **agree, "cpu": cpu}  # fmt: skip
+                outcome = serve_and_load(model_dir, recommender, sessions, workers, concurrency, args, log)
                 results.append(outcome)
                 print(json.dumps(outcome), flush=True)
+        # the same service and load on a 1,000-item catalogue: what HTTP and batching cost without the big fold-in
+        small, small_cluster = build_recommender(1000, args.dim, 20, args.seed)
+        small_sessions = histories(
+            small_cluster, min(args.requests, 5000) + args.warmup, args.max_history, args.seed + 1
+        )
+        small_dir = small.save(Path(tmp) / "small")
+        overhead = serve_and_load(
+            small_dir, small, small_sessions, 1, min(args.concurrency), args, Path(tmp) / "small.log"
+        )
+        print(json.dumps({"1000_items": overhead}), flush=True)
     best = max(
         results, key=lambda r: (r["errors"] == 0 and r["latency_ms"]["p99"] < TARGET["p99_ms"], r["throughput_rps"])
     )
@@ -238,6 +276,8 @@ def run(args: argparse.Namespace) -> dict:
         and best["latency_ms"]["p99"] < TARGET["p99_ms"]
         and best["errors"] == 0,
         "runs": results,
+        "hot_path_in_process": hot_path(recommender, sessions, args.k),
+        "same_service_1000_items": overhead,
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
