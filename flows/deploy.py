@@ -26,6 +26,7 @@ DEPLOYMENT = "nightly"
 WORK_POOL = "fedml"
 CRON = "0 2 * * *"
 TIMEZONE = "UTC"
+DEFAULT_CONFIG = "configs/default.toml"  # what `make run` trains, relative to the run's working directory
 
 
 def parameters(config_file: str | None = None, overrides: list[str] | None = None, policy_file: str | None = None):
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", default=WORK_POOL, help="process work pool (default: %(default)s)")
     parser.add_argument("--cron", default=CRON, help="schedule (default: %(default)r)")
     parser.add_argument("--timezone", default=TIMEZONE, help="IANA time zone of the schedule (default: %(default)s)")
-    parser.add_argument("--config", default=None, help="run configuration (TOML), relative to --workdir")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="run configuration (TOML), relative to --workdir (default: %(default)s)")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one configuration value (repeatable)")  # fmt: skip
     parser.add_argument("--policy", default=None, help="promotion policy (TOML); default from the configuration")
