@@ -191,6 +191,8 @@ def create_app(source: ModelSource, settings: ServiceSettings | None = None) -> 
         description="Recommendations from a shopper's recent items, by a federated, differentially private model.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN; the schema is at /openapi.json
+        redoc_url=None,
     )
     app.state.slot = slot
     app.state.settings = settings
