@@ -18,7 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from fedml.data.ids import IdMap
-from fedml.models.mf import ItemTable, fold_in
+from fedml.models.mf import ItemTable
 from fedml.serving.api import ServiceSettings, create_app
 from fedml.serving.recommender import Recommender, ServingIndex
 from fedml.serving.source import DirectorySource, ModelSlot, StaticSource
@@ -61,22 +61,24 @@ def post(client: TestClient, body: object, **kwargs):
 # ---------------------------------------------------------------------- the hot path
 
 
-def test_serving_index_reaches_the_fold_in_optimum_on_a_larger_catalogue():
+def test_a_batch_answers_each_request_as_the_recommender_alone_would():
     rec = clustered(1, n_clusters=20, per_cluster=150, dim=16)
     rng = np.random.default_rng(0)
     histories = [
-        np.unique(rng.integers(c * 150, (c + 1) * 150, size=m)) for c, m in zip(range(20), rng.integers(1, 15, 20))
+        rec.ids.item_ids(rng.integers(c * 150, (c + 1) * 150, size=m))
+        for c, m in zip(range(20), rng.integers(1, 15, 20))
     ]
-    histories.append(np.array([], dtype=np.int64))
-    converged = fold_in(rec.table, histories, negatives=rec.negatives, l2=rec.fold_in_l2, iterations=20)
-    expected = converged @ rec.table.embeddings.T + rec.table.bias
-    got = ServingIndex(rec, tolerance=1e-6).scores(histories)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
-    # the default tolerance ranks like the recommender itself
-    ids = [rec.ids.item_ids(h) for h in histories]
-    assert [r.items for r in ServingIndex(rec).recommend_many(ids, [10] * len(ids))] == [
-        r.items for r in rec.recommend_many(ids, k=10)
-    ]
+    histories += [[], ["nope", histories[0][0]]]
+    ks = [int(k) for k in rng.integers(1, 30, len(histories))]
+    batched = ServingIndex(rec).recommend_many(histories, ks)
+    for history, k, got in zip(histories, ks, batched):
+        indices = rec.ids.item_index(history, errors="ignore")
+        alone = rec.score([np.unique(indices[indices >= 0])])[0]
+        seen = set(history)
+        expected = [i for i in torch.argsort(alone, descending=True).tolist() if rec.ids.items[i] not in seen][:k]
+        assert got.items == rec.ids.item_ids(expected)
+        assert got.scores == pytest.approx(alone[expected].tolist(), rel=1e-5, abs=1e-5)
+        assert got.unknown_items == [h for h in history if h == "nope"]
 
 
 def test_because_names_the_history_item_most_like_the_recommendation(recommender):

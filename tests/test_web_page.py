@@ -24,6 +24,7 @@ if not (CHROMIUM and CHROMEDRIVER):
         "headless Chromium not installed: apt-get install -y chromium chromium-driver (.ci/run does this)",
         allow_module_level=True,
     )
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -71,11 +72,24 @@ def browser() -> Iterator[object]:
 
 
 def shown(browser, list_id: str) -> list[str]:
-    return [li.get_attribute("data-item") for li in browser.find_elements(By.CSS_SELECTOR, f"#{list_id} li")]
+    """The item ids a list shows, read in one script (the page may re-render it at any time)."""
+    return browser.execute_script(f"return [...document.querySelectorAll('#{list_id} li')].map(li => li.dataset.item)")
+
+
+def click(browser, selector: str) -> None:
+    """Click, retrying while the page replaces the element under us."""
+
+    def clicked(driver) -> bool:
+        driver.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+
+    WebDriverWait(browser, 10, ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(
+        clicked
+    )
 
 
 def click_add(browser, list_id: str, item: str) -> None:
-    browser.find_element(By.CSS_SELECTOR, f'#{list_id} li[data-item="{item}"] button').click()
+    click(browser, f'#{list_id} li[data-item="{item}"] button')
 
 
 def api_answer(service: str, basket: list[str], k: int = 10) -> dict:
@@ -100,10 +114,10 @@ def wait_for_recommendations(browser, service: str, basket: list[str]) -> list[s
             f"page shows basket {shown(browser, 'basket')} and recommendations {shown(browser, 'recommendations')}, "
             f"API says {want} for {basket}; status: {browser.find_element(By.ID, 'recommendations-status').text!r}"
         ) from exc
-    reasons = [
-        li.find_element(By.CLASS_NAME, "reason").text
-        for li in browser.find_elements(By.CSS_SELECTOR, "#recommendations li")
-    ]
+    reasons = browser.execute_script(
+        "return [...document.querySelectorAll('#recommendations li .reason')].map(e => e.textContent)"
+    )
+    assert len(reasons) == len(expected["items"])
     for text, row in zip(reasons, expected["items"]):
         assert text.startswith(row["reason"]) and f"score {row['score']:.3f}" in text
     return want
@@ -137,9 +151,9 @@ def test_basket_drives_the_recommendations(browser, service, recommender):
     assert other not in third and third != second
 
     # remove the first item; then empty the basket: back to the popular items
-    browser.find_element(By.CSS_SELECTOR, '#basket li[data-item="sku-012"] button').click()
+    click(browser, '#basket li[data-item="sku-012"] button')
     wait_for_recommendations(browser, service, ["sku-015", other])
-    browser.find_element(By.ID, "clear").click()
+    click(browser, "#clear")
     assert wait_for_recommendations(browser, service, []) == empty
 
 
@@ -147,9 +161,9 @@ def test_catalogue_pages(browser, service):
     browser.get(service + "/")
     WebDriverWait(browser, 15).until(lambda d: len(shown(d, "catalogue")) == 20)
     assert browser.find_element(By.ID, "prev").get_attribute("disabled") is not None
-    browser.find_element(By.ID, "next").click()
+    click(browser, "#next")
     WebDriverWait(browser, 10).until(lambda d: shown(d, "catalogue")[:1] == ["sku-020"])
-    browser.find_element(By.ID, "next").click()
+    click(browser, "#next")
     WebDriverWait(browser, 10).until(lambda d: shown(d, "catalogue")[:1] == ["sku-040"])
     assert shown(browser, "catalogue") == [f"sku-{i:03d}" for i in range(40, 60)]
     assert browser.find_element(By.ID, "page-label").text == "41–60 of 60"

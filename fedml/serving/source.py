@@ -37,9 +37,7 @@ class LoadedModel:
     def build(
         cls, name: str, version: str, recommender: Recommender, tags: dict[str, str] | None = None
     ) -> LoadedModel:
-        return cls(
-            name=name, version=version, recommender=recommender, index=ServingIndex(recommender), tags=tags or {}
-        )
+        return cls(name=name, version=version, recommender=recommender, index=recommender.serving, tags=tags or {})
 
 
 class ModelSource(Protocol):
