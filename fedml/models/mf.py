@@ -92,9 +92,10 @@ def fold_in(
     * a shopper stops once a step moves none of its coordinates more than ``tolerance``, or after
       ``iterations`` steps.
 
-    A shopper's vector depends on its history and the item table alone (not on the other histories
-    of the call), deterministically. It is the same computation for evaluation, serving and a new
-    shopper. Returns float32 ``[len(histories), dim]``.
+    Shoppers are solved in chunks of up to ``chunk_size``, sorted by history length. A shopper's
+    vector depends on its history and the item table alone, deterministically; the other histories
+    of the call change it by float rounding only (matrix products of other shapes). It is the same
+    computation for evaluation, serving and a new shopper. Returns float32 ``[len(histories), dim]``.
     """
     q, b = table.embeddings.float(), table.bias.float()
     n_items, dim = q.shape
