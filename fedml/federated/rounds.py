@@ -167,10 +167,11 @@ def train_federated(
     table = init.to(device).clone()
     devices = DeviceStore()
     reports: list[RoundReport] = []
-    counts = data.counts()
+    counts = np.asarray(data.counts())
     for round_index in range(1, rounds + 1):
         started = time.perf_counter()
-        sampled = [int(c) for c in poisson_sample(data.n_users, client_rate, rng) if counts[c] > 0]
+        drawn = poisson_sample(data.n_users, client_rate, rng)
+        sampled = drawn[counts[drawn] > 0].tolist()  # clients with something to train on
         positives = _round_positives(data, sampled)
         draws = draw_round(seed, round_index, sampled, positives, table.n_items, local.epochs, local.negatives)
         vectors = [devices.get(c) for c in sampled]
