@@ -17,6 +17,7 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -62,6 +63,8 @@ def create_app_from_environment() -> Any:
 
     config = json.loads(os.environ[CONFIG_ENV])
     torch.set_num_threads(config["torch_threads"])
+    # model swaps and failed reloads go to the log next to uvicorn's lines
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     if config.get("model_dir"):
         source = DirectorySource(config["model_dir"], name=config["model"])
     else:
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     })  # fmt: skip
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per reload in the log
     source = args.model_dir or f"models:/{args.model}@{args.alias} at {os.environ['MLFLOW_TRACKING_URI']}"
     print(f"serving {source} on http://{args.host}:{args.port} ({args.workers} worker(s))", file=sys.stderr, flush=True)
     uvicorn.run(
