@@ -172,25 +172,28 @@ def _fold_in_chunk(
     active = torch.arange(n, device=q.device)  # p_active, gradient, ...: the rows of these shoppers
     p_active = p
     done = torch.zeros(n, dtype=torch.bool, device=q.device)  # stopped, but still carried along
+    stopped = 0
     scores = torch.empty(n, q.shape[0], dtype=q.dtype, device=q.device)  # reused by every gradient
     for step_index in range(iterations):
         step = -bfgs.apply(gradient)
-        step.masked_fill_(done[:, None], 0.0)
+        if stopped:
+            step.masked_fill_(done[:, None], 0.0)
         p_active = p_active + step
-        p[active] = p_active
         done |= step.abs().amax(1) <= tolerance
         stopped = int(done.sum())
         if step_index == iterations - 1 or stopped == len(done):
             break
         if 8 * stopped > len(done):  # drop the stopped shoppers once they are worth a copy
+            p[active] = p_active
             moving = ~done
             active, p_active, step, gradient, q_hist, done = (
                 t[moving] for t in (active, p_active, step, gradient, q_hist, done)
             )
-            hist, bfgs = hist[moving], bfgs[moving]
+            hist, bfgs, stopped = hist[moving], bfgs[moving], 0
         new_gradient = _gradient(catalogue, hist, q_hist, p_active, l2, scores[: len(done)])
         bfgs.update(step, new_gradient - gradient)  # a stopped shopper's zero step leaves its H as it is
         gradient = new_gradient
+    p[active] = p_active
     return p
 
 
