@@ -42,7 +42,7 @@ class ModelConfig:
     l2: float = 1e-4
     init_scale: float = 0.1
     fold_in_l2: float = 1.0
-    fold_in_iterations: int = 4
+    fold_in_iterations: int = 30  # a cap (fedml.models.mf.FOLD_IN_ITERATIONS): each shopper stops once converged
 
 
 @dataclass

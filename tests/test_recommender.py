@@ -17,7 +17,7 @@ import torch
 
 import fedml
 from fedml.data.ids import IdMap
-from fedml.models.mf import ItemTable, fold_in, score_all
+from fedml.models.mf import FOLD_IN_ITERATIONS, ItemTable, fold_in, score_all
 from fedml.serving.recommender import IDS_FILE, Recommender
 
 CLUSTER = 6  # items i0..i5 share one direction, i6..i11 another
@@ -107,7 +107,7 @@ def test_save_load_round_trip_without_user_ids(recommender, tmp_path):
     loaded = Recommender.load(directory)
     for history in (["i0", "i1"], ["i6"], ["zz", "i3"], []):
         assert loaded.recommend(history, k=5) == recommender.recommend(history, k=5)
-    assert (loaded.negatives, loaded.fold_in_l2, loaded.fold_in_iterations) == (4, 1.0, 4)
+    assert (loaded.negatives, loaded.fold_in_l2, loaded.fold_in_iterations) == (4, 1.0, FOLD_IN_ITERATIONS)
     torch.testing.assert_close(loaded.table.embeddings, recommender.table.embeddings)
     ids = json.loads((directory / IDS_FILE).read_text())
     assert ids["users"] == [] and ids["items"] == A + B
@@ -228,3 +228,9 @@ def test_pyfunc_loads_from_its_own_code_in_a_fresh_process(logged_model, tmp_pat
     # fedml came from the model's code folder, not from this checkout
     assert Path(payload["fedml"]).resolve().parent.parent.name == "code"
     assert Path(fedml.__file__).resolve().parent.parent != Path(payload["fedml"]).resolve().parent.parent
+
+
+def test_the_configured_fold_in_cap_is_the_library_default():
+    from fedml.config import ModelConfig
+
+    assert ModelConfig().fold_in_iterations == FOLD_IN_ITERATIONS == Recommender.fold_in_iterations

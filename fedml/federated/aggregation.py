@@ -48,11 +48,14 @@ class _Accumulator:
     def add(self, update: ClientUpdate, scale: float) -> None:
         self.add_rows(update.rows, update.delta_embeddings, update.delta_bias, scale)
 
-    def add_rows(self, rows: torch.Tensor, embeddings: torch.Tensor, bias: torch.Tensor, scale: float | torch.Tensor) -> None:
+    def add_rows(
+        self, rows: torch.Tensor, embeddings: torch.Tensor, bias: torch.Tensor, scale: float | torch.Tensor
+    ) -> None:
         """Add scaled rows; ``scale`` is one float, or a float64 tensor with one entry per row."""
         column = scale[:, None] if isinstance(scale, torch.Tensor) else scale
-        self.embeddings.index_add_(0, rows, embeddings.double() * column)
-        self.bias.index_add_(0, rows, bias.double() * scale)
+        # one float64 copy, scaled in place (a product of the copy would allocate a second tensor)
+        self.embeddings.index_add_(0, rows, embeddings.to(torch.float64, copy=True).mul_(column))
+        self.bias.index_add_(0, rows, bias.to(torch.float64, copy=True).mul_(scale))
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 
 from fedml.data.ids import IdMap
 from fedml.files import atomic_write_text
-from fedml.models.mf import ItemTable, fold_in, score_all
+from fedml.models.mf import FOLD_IN_ITERATIONS, ItemTable, fold_in, score_all
 
 WEIGHTS_FILE = "item_table.npz"
 IDS_FILE = "ids.json"
@@ -39,7 +39,7 @@ class Recommender:
     ids: IdMap
     negatives: int = 4
     fold_in_l2: float = 1.0
-    fold_in_iterations: int = 4
+    fold_in_iterations: int = FOLD_IN_ITERATIONS
 
     def recommend(self, history: list[str], k: int = 10) -> Recommendation:
         """Top-``k`` items for a shopper who interacted with ``history`` (oldest first), seen items excluded."""
