@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from fedml.gate import GateDecision, Policy, decide
+from flows.locks import promotion_lock
 from flows.tracking import candidate_from_tags, production_candidate, record_decision
 
 
@@ -39,8 +40,16 @@ def promote(
 ) -> tuple[GateDecision, str | None]:
     """Run the gate for ``version`` against the current production and move ``alias`` if it passes.
 
-    Returns the decision and the version that holds the alias afterwards.
+    Returns the decision and the version that holds the alias afterwards. Runs under the model's
+    promotion lock, so a concurrent promotion or rollback is decided after this one, against it.
     """
+    with promotion_lock(model_name):
+        return _promote(client, model_name, alias, version, policy, actor, reason)
+
+
+def _promote(
+    client: MlflowClient, model_name: str, alias: str, version: str, policy: Policy, actor: str, reason: str
+) -> tuple[GateDecision, str | None]:
     try:
         tags = client.get_model_version(model_name, version).tags
     except MlflowException as exc:
@@ -66,6 +75,11 @@ def rollback(
 ) -> Rollback:
     """Point ``alias`` back at the version production had before (or at ``to``, a version that
     was in production once); both versions record who did it, when and why."""
+    with promotion_lock(model_name):
+        return _rollback(client, model_name, alias, actor, reason, to)
+
+
+def _rollback(client: MlflowClient, model_name: str, alias: str, actor: str, reason: str, to: str | None) -> Rollback:
     current = production_candidate(client, model_name, alias)
     if current is None:
         raise PromotionError(f"{model_name}@{alias} does not exist: nothing to roll back")
