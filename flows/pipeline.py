@@ -403,7 +403,7 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
         audit=_audit_report(outcome)["summary"] if outcome.audit else "not run (no central DP mechanism, or disabled)",
         hr_at_10=hr,
         popularity_hr_at_10=metrics["popularity"].hit_rate,
-        tracking_uri=tracking.tracking_uri(),
+        tracking_uri=tracking.redacted(tracking.tracking_uri()),
         run_dir=str(run_dir),
     )
 

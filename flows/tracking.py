@@ -39,6 +39,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{STATE_DIR / 'mlflow.db'}"
 
 
+def redacted(uri: str) -> str:
+    """``uri`` without a password (``https://user:secret@host`` -> ``https://user:***@host``), for printing."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def local_artifact_root() -> str | None:
     """Where a new experiment keeps artifacts when tracking locally (a server decides for itself)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):

@@ -87,3 +87,11 @@ def test_promote_rollback_and_listings(pipeline_env: Path, monkeypatch: pytest.M
     listing = capsys.readouterr().out
     assert listing.splitlines()[0].split()[:3] == ["version", "production", "epsilon"]
     assert any(line.split()[:2] == [first, "*"] for line in listing.splitlines())  # production is marked
+
+
+def test_printed_tracking_uris_hide_passwords():
+    from flows.tracking import redacted
+
+    assert redacted("https://ops:s3cret@mlflow.example:5000/x") == "https://ops:***@mlflow.example:5000/x"
+    assert redacted("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert redacted("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
