@@ -54,6 +54,7 @@ class FederatedConfig:
     local_batch_size: int = 32
     negatives: int = 4
     server_lr: float = 500.0
+    client_init_iterations: int = 2  # fold-in steps of a new client's start (federated.client.CLIENT_INIT_ITERATIONS)
     engine: Literal["reference", "batched"] = "batched"  # one client at a time, or a round's clients batched
     shards: int = 1  # split each round's clients into this many shards (Prefect tasks)
     task_runner: Literal["inline", "dask"] = "inline"  # dask: shards run on a Dask cluster

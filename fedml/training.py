@@ -209,7 +209,7 @@ def _train_federated(
         negatives=fed.negatives,
         l2=config.model.l2,
         fold_in_l2=config.model.fold_in_l2,
-        fold_in_iterations=config.model.fold_in_iterations,
+        init_iterations=fed.client_init_iterations,
     )
     accountant = None
     if dp.enabled:

@@ -17,9 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedml.federated.client import ClientUpdate, LocalTraining, client_update
+from fedml.config import FederatedConfig
+from fedml.federated.client import CLIENT_INIT_ITERATIONS, ClientUpdate, LocalTraining, client_update
 from fedml.federated.randomness import LocalDraws, draw_round
-from fedml.models.mf import ItemTable, fold_in, init_item_table
+from fedml.models.mf import FOLD_IN_ITERATIONS, ItemTable, fold_in, init_item_table
 
 N_ITEMS, DIM = 40, 6
 POSITIVES = np.array([3, 7, 8, 15, 21, 22, 30], dtype=np.int64)
@@ -191,15 +192,23 @@ def test_upload_has_touched_rows_only_and_no_user_vector():
     )
 
 
-def test_first_time_client_starts_from_fold_in():
+@pytest.mark.parametrize("init_iterations", [1, 3, FOLD_IN_ITERATIONS])
+def test_first_time_client_starts_from_fold_in(init_iterations):
+    """A first-time client starts from ``init_iterations`` fold-in steps (1 by default: the Newton step)."""
     table = _table(torch.float32)
-    config = LocalTraining(epochs=1, lr=0.2, batch_size=4, negatives=2, l2=1e-3, fold_in_l2=0.5)
-    start = fold_in(table, [POSITIVES], negatives=config.negatives, l2=config.fold_in_l2)[0]
+    config = LocalTraining(epochs=1, lr=0.2, batch_size=4, negatives=2, l2=1e-3, fold_in_l2=0.5,
+                           init_iterations=init_iterations)  # fmt: skip
+    start = fold_in(table, [POSITIVES], negatives=config.negatives, l2=config.fold_in_l2, iterations=init_iterations)[0]
     fresh, p_fresh = client_update(table, POSITIVES, None, config, _draws(config, seed=9))
     given, p_given = client_update(table, POSITIVES, start, config, _draws(config, seed=9))
     torch.testing.assert_close(p_fresh, p_given)
     torch.testing.assert_close(fresh.delta_embeddings, given.delta_embeddings)
     assert not torch.allclose(p_fresh, start)
+
+
+def test_the_configs_client_start_is_the_library_default():
+    config = LocalTraining(epochs=1, lr=0.2, batch_size=4, negatives=2, l2=1e-3)
+    assert config.init_iterations == CLIENT_INIT_ITERATIONS == FederatedConfig().client_init_iterations
 
 
 def test_the_clients_negatives_are_its_complement():

@@ -14,7 +14,8 @@ arithmetic is batched:
   gradients (the batch's positives, then its negatives) times the client's vector;
 * update norms, losses and clipping factors are segment sums over the clients' rows.
 
-First-time clients are folded in together (:func:`fedml.models.mf.fold_in` of all their histories).
+First-time clients are folded in together (:func:`fedml.models.mf.fold_in` of all their histories,
+``config.init_iterations`` steps at most).
 Results agree with the one-client-at-a-time reference to
 float rounding (matrix products summed in another order), not bit for bit.
 
@@ -145,7 +146,7 @@ def _initial_vectors(
             [positives[i] for i in new],
             negatives=config.negatives,
             l2=config.fold_in_l2,
-            iterations=config.fold_in_iterations,
+            iterations=config.init_iterations,
         )
         p[torch.as_tensor(new, device=device)] = folded.to(dtype)
     if known:
