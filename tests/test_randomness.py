@@ -60,7 +60,7 @@ def test_shapes_dtypes_and_ranges():
         assert d.negatives.shape == (3, len(pos), 4) and d.negatives.dtype == np.int64
         if len(pos):
             assert d.negatives.min() >= 0 and d.negatives.max() < N_ITEMS
-    assert draw_round(1, 2, [], [], N_ITEMS, 3, 4) == []
+    assert len(draw_round(1, 2, [], [], N_ITEMS, 3, 4)) == 0
 
 
 def test_reproducible():
@@ -78,7 +78,7 @@ def test_a_clients_draws_depend_only_on_seed_round_and_client():
     for i, client in enumerate(CLIENTS):
         alone = draw_round(1, 2, [client], [positives[i]], N_ITEMS, 3, 4)[0]
         assert _same(alone, together[i]), client
-    reverse = _draw(clients=CLIENTS[::-1], positives=positives[::-1])[::-1]
+    reverse = list(_draw(clients=CLIENTS[::-1], positives=positives[::-1]))[::-1]
     assert all(_same(a, b) for a, b in zip(together, reverse))
     shuffled = np.random.default_rng(5).permutation(len(CLIENTS))
     mixed = _draw(clients=[CLIENTS[j] for j in shuffled], positives=[positives[j] for j in shuffled])
@@ -88,7 +88,7 @@ def test_a_clients_draws_depend_only_on_seed_round_and_client():
     others = _positives([40, 0, 17, 3], seed=9)
     crowd = draw_round(1, 2, [99, *CLIENTS[:3], 98, 97, *CLIENTS[3:], 96], [others[0], *positives[:3], *others[1:3],
                        *positives[3:], others[3]], N_ITEMS, 3, 4)  # fmt: skip
-    assert all(_same(a, b) for a, b in zip(crowd[1:4] + crowd[6:-1], together))
+    assert all(_same(a, b) for a, b in zip([*crowd[1:4], *crowd[6:-1]], together))
     # split into shards the way the round loop splits (np.array_split), each drawn on its own
     for shards in (2, 3, len(CLIENTS)):
         parts = np.array_split(np.arange(len(CLIENTS)), shards)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fedml.federated.client import ClientUpdate, LocalTraining
-from fedml.federated.randomness import LocalDraws
+from fedml.federated.randomness import LocalDraws, RoundDraws, concat_int64
 from fedml.models.mf import ItemTable, fold_in
 
 
@@ -106,7 +106,7 @@ def batched_client_updates(
     device = table.embeddings.device
     positives = [np.asarray(items, dtype=np.int64) for items in clients]
     p = _initial_vectors(table, positives, user_vectors, config)
-    plan = _plan(positives, [d.order for d in draws], [d.negatives for d in draws], table.n_items, config, device)
+    plan = _plan(positives, RoundDraws.of(draws, config.epochs, config.negatives), table.n_items, config, device)
     n_clients = len(positives)
     q0 = table.embeddings[plan.rows]
     b0 = table.bias[plan.rows]
@@ -170,8 +170,7 @@ class _Plan:
 
 def _plan(
     positives: list[np.ndarray],
-    orders: list[np.ndarray],
-    negatives: list[np.ndarray],
+    draws: RoundDraws,
     n_items: int,
     config: LocalTraining,
     device: torch.device,
@@ -185,8 +184,8 @@ def _plan(
     # Private row copies: unique (client, item) keys over all positives, then all negatives; sorted,
     # so client-major and item-sorted within a client, as the reference's np.unique orders one
     # client's rows.
-    pos_items = _concat(positives)
-    neg_items = _concat([neg.ravel() for neg in negatives])
+    pos_items = concat_int64(positives)
+    neg_items = draws.negatives
     pos_start, neg_start = np.cumsum(n) - n, np.cumsum(n * epochs * k) - n * epochs * k
     keys = np.concatenate(
         [np.repeat(clients, n) * n_items + pos_items, np.repeat(clients, n * epochs * k) * n_items + neg_items]
@@ -201,7 +200,7 @@ def _plan(
     t = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(per_client) - per_client, per_client)
     n_ex = n[owner]
     epoch, position = np.divmod(t, np.maximum(n_ex, 1))
-    j = _concat([o.ravel() for o in orders])  # the positive it trains on
+    j = draws.orders  # the positive it trains on
     pos_row = row_of[pos_start[owner] + j]
     neg_row = row_of[len(pos_items) + (neg_start[owner] + (epoch * n_ex + j) * k)[:, None] + np.arange(k)]
     # ... belongs to step epoch * batches + position // batch_size of its client
@@ -262,11 +261,6 @@ def _plan(
         steps_per_client=steps_per_client,
         steps=steps,
     )
-
-
-def _concat(arrays: list[np.ndarray]) -> np.ndarray:
-    """int64 concatenation of possibly no arrays."""
-    return np.concatenate(arrays).astype(np.int64, copy=False) if arrays else np.zeros(0, np.int64)
 
 
 def _batched_sgd_step(

@@ -14,8 +14,9 @@ and are vectorised over all clients of a round.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -30,6 +31,73 @@ class LocalDraws:
 
     order: np.ndarray  # int64 [epochs, n]: the positions of the positives, per epoch
     negatives: np.ndarray  # int64 [epochs, n, k]: item indices
+
+
+@dataclass(frozen=True, eq=False)
+class RoundDraws(Sequence[LocalDraws]):
+    """The draws of a round's clients (or a contiguous run of them), client by client in flat arrays.
+
+    Item ``i`` is client ``i``'s :class:`LocalDraws` (read-only views); a slice is the draws of those
+    clients. The batched engine reads the flat arrays directly.
+    """
+
+    starts: np.ndarray  # int64 [C + 1]: client i's positives are positions starts[i]:starts[i + 1] of all
+    epochs: int
+    k: int  # negatives per positive
+    orders: np.ndarray  # int64 [epochs * starts[-1]]: each client's order [epochs, n], flattened
+    negatives: np.ndarray  # int64 [epochs * k * starts[-1]]: each client's negatives [epochs, n, k], flattened
+
+    @classmethod
+    def of(cls, draws: Sequence[LocalDraws], epochs: int, k: int) -> RoundDraws:
+        """The flat form of some clients' draws (each with ``epochs`` epochs and ``k`` negatives)."""
+        if isinstance(draws, RoundDraws):
+            if (draws.epochs, draws.k) != (epochs, k):
+                raise ValueError(f"draws of {draws.epochs} epochs x {draws.k} negatives, not {epochs} x {k}")
+            return draws
+        sizes = np.array([d.order.shape[1] for d in draws], dtype=np.int64)
+        flat = [np.asarray(d.negatives, dtype=np.int64).ravel() for d in draws]
+        return cls(
+            starts=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            epochs=epochs,
+            k=k,
+            orders=concat_int64([np.asarray(d.order, dtype=np.int64).ravel() for d in draws]),
+            negatives=concat_int64(flat),
+        )
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """int64 ``[C]``: each client's number of positives."""
+        return np.diff(self.starts)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> LocalDraws: ...
+    @overload
+    def __getitem__(self, i: slice) -> RoundDraws: ...
+    def __getitem__(self, i: int | slice) -> LocalDraws | RoundDraws:
+        e, k = self.epochs, self.k
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            if step != 1:
+                raise ValueError("RoundDraws slices must be contiguous (step 1)")
+            hi = max(lo, hi)
+            a, b = self.starts[lo], self.starts[hi]
+            return RoundDraws(
+                self.starts[lo : hi + 1] - a, e, k, self.orders[e * a : e * b], self.negatives[e * k * a : e * k * b]
+            )
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"client {i} of {len(self)}")
+        i %= len(self)
+        a, b = int(self.starts[i]), int(self.starts[i + 1])
+        return LocalDraws(
+            order=self.orders[e * a : e * b].reshape(e, b - a),
+            negatives=self.negatives[e * k * a : e * k * b].reshape(e, b - a, k),
+        )
+
+    def __iter__(self) -> Iterator[LocalDraws]:
+        return (self[i] for i in range(len(self)))
 
 
 def _splitmix(x: np.ndarray) -> np.ndarray:
@@ -54,7 +122,7 @@ def draw_round(
     n_items: int,
     epochs: int,
     negatives: int,
-) -> list[LocalDraws]:
+) -> RoundDraws:
     """The draws of every client of a round (``positives[i]``: client ``clients[i]``'s sorted items)."""
     clients = np.asarray(clients, dtype=np.int64)
     if len(clients) != len(positives):
@@ -66,10 +134,8 @@ def draw_round(
     keys = client_keys(seed, round_index, clients)
     orders = _orders(keys, sizes, epochs)
     negs = _negatives(keys, flat, sizes, n_items, epochs, negatives)
-    draws = []
-    for i, n in enumerate(sizes):
-        draws.append(LocalDraws(order=orders[i].reshape(epochs, n), negatives=negs[i].reshape(epochs, n, negatives)))
-    return draws
+    orders.flags.writeable = negs.flags.writeable = False  # shared by every client's view
+    return RoundDraws(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), epochs, negatives, orders, negs)
 
 
 def _sorted_unique_per_client(flat: np.ndarray, sizes: np.ndarray) -> bool:
@@ -90,21 +156,21 @@ def _counters(keys: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nda
     return owner, counter
 
 
-def _orders(keys: np.ndarray, sizes: np.ndarray, epochs: int) -> list[np.ndarray]:
-    """Per client: ``epochs`` random permutations of ``range(n)``, concatenated."""
+def _orders(keys: np.ndarray, sizes: np.ndarray, epochs: int) -> np.ndarray:
+    """Client by client: ``epochs`` random permutations of ``range(n)``, all concatenated."""
     lengths = sizes * epochs
     owner, counter = _counters(keys, lengths)
     random = _splitmix(keys[owner] ^ _ORDER_STREAM ^ counter.astype(_U))
     segment = owner * (epochs + 1) + counter // np.maximum(sizes[owner], 1)  # (client, epoch)
-    by_key = np.lexsort((random, segment))
-    position = counter[by_key] % np.maximum(sizes[owner[by_key]], 1)
-    return np.split(position, np.cumsum(lengths)[:-1])
+    # sorted by (segment, random): by random first, then stably by segment. SplitMix64 is a bijection,
+    # so a client's values are distinct and the first sort needs no stability.
+    by_random = np.argsort(random)
+    by_key = by_random[np.argsort(segment[by_random], kind="stable")]
+    return counter[by_key] % np.maximum(sizes[owner[by_key]], 1)
 
 
-def _negatives(
-    keys: np.ndarray, flat: np.ndarray, sizes: np.ndarray, n_items: int, epochs: int, k: int
-) -> list[np.ndarray]:
-    """Per client: ``epochs * n * k`` items drawn uniformly from the client's complement."""
+def _negatives(keys: np.ndarray, flat: np.ndarray, sizes: np.ndarray, n_items: int, epochs: int, k: int) -> np.ndarray:
+    """Client by client: ``epochs * n * k`` items drawn uniformly from the client's complement, concatenated."""
     lengths = sizes * epochs * k
     owner, counter = _counters(keys, lengths)
     random = _splitmix(keys[owner] ^ _NEGATIVE_STREAM ^ counter.astype(_U))
@@ -114,7 +180,7 @@ def _negatives(
     rank[whole_catalogue] = (random[whole_catalogue] % _U(n_items)).astype(np.int64)
     items = rank + _positives_at_or_below(flat, sizes, owner, rank, n_items)
     items[whole_catalogue] = rank[whole_catalogue]
-    return np.split(items, np.cumsum(lengths)[:-1])
+    return items
 
 
 def _positives_at_or_below(
@@ -131,3 +197,8 @@ def _positives_at_or_below(
     shifted = client * band + (flat - within)
     starts = np.cumsum(sizes) - sizes
     return np.searchsorted(shifted, owner * band + rank, side="right") - starts[owner]
+
+
+def concat_int64(arrays: list[np.ndarray]) -> np.ndarray:
+    """int64 concatenation of possibly no arrays."""
+    return np.concatenate(arrays).astype(np.int64, copy=False) if arrays else np.zeros(0, np.int64)

@@ -26,7 +26,7 @@ import torch
 from fedml.data.interactions import UserItems
 from fedml.federated.aggregation import PartialSum, RoundAggregate
 from fedml.federated.client import LocalTraining, client_update
-from fedml.federated.randomness import LocalDraws, draw_round
+from fedml.federated.randomness import RoundDraws, draw_round
 from fedml.federated.sampling import poisson_sample
 from fedml.models.mf import ItemTable
 from fedml.threads import single_thread
@@ -89,7 +89,7 @@ class Shard:
     table: ItemTable
     positives: list[np.ndarray]
     vectors: list[torch.Tensor | None]
-    draws: list[LocalDraws]
+    draws: RoundDraws  # the shard's clients' draws
     local: LocalTraining
     aggregator: Aggregator
     engine: Engine
@@ -175,11 +175,11 @@ def train_federated(
         positives = _round_positives(data, sampled)
         draws = draw_round(seed, round_index, sampled, positives, table.n_items, local.epochs, local.negatives)
         vectors = [devices.get(c) for c in sampled]
+        bounds = _shard_bounds(len(sampled), shards)
         results = shard_runner(
             [
-                Shard(table, [positives[i] for i in part], [vectors[i] for i in part], [draws[i] for i in part],
-                      local, aggregator, engine, device)  # fmt: skip
-                for part in np.array_split(np.arange(len(sampled)), max(1, min(shards, len(sampled))))
+                Shard(table, positives[lo:hi], vectors[lo:hi], draws[lo:hi], local, aggregator, engine, device)
+                for lo, hi in zip(bounds[:-1], bounds[1:])
             ]
         )
         new_vectors = [v for result in results for v in result.vectors]
@@ -207,6 +207,14 @@ def train_federated(
         if on_round is not None:
             on_round(report)
     return FederatedRun(table=table.to("cpu"), reports=reports)
+
+
+def _shard_bounds(n_clients: int, shards: int) -> list[int]:
+    """Where each shard's run of the round's clients starts, and the end: ``min(shards, n_clients)``
+    runs (at least one) of sizes differing by at most one."""
+    parts = max(1, min(shards, n_clients))
+    size, extra = divmod(n_clients, parts)
+    return [i * size + min(i, extra) for i in range(parts + 1)]
 
 
 def _round_positives(data: UserItems, clients: list[int]) -> list[np.ndarray]:
