@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedml.federated.randomness import LocalDraws, client_keys, draw_round
+from fedml.federated.randomness import LocalDraws, RoundDraws, client_keys, draw_round
 
 N_ITEMS = 60
 
@@ -263,3 +263,29 @@ def test_unsorted_or_repeated_positives_are_refused() -> None:
             draw_round(0, 1, [0, 1], [good, bad], 10, 1, 2)
     # clients are independent: one client's last item may exceed the next client's first
     draw_round(0, 1, [0, 1, 2], [np.array([8, 9]), np.array([], dtype=np.int64), np.array([1, 2])], 10, 1, 2)
+
+
+def test_round_draws_slices_and_flat_form():
+    """A round's draws: item i is client i's draws, a slice is those clients' draws, and the flat form
+    of a list of per-client draws is the same round; the views are read-only."""
+    draws = _draw()
+    per_client = list(draws)
+    assert len(draws) == len(per_client) == len(CLIENTS)
+    assert np.array_equal(draws.sizes, SIZES)
+    for lo, hi in [(0, 0), (0, 3), (2, 7), (4, len(CLIENTS)), (-3, len(CLIENTS))]:
+        part = draws[lo:hi]
+        assert isinstance(part, RoundDraws) and len(part) == len(per_client[lo:hi])
+        assert all(_same(a, b) for a, b in zip(part, per_client[lo:hi]))
+    assert _same(draws[-1], per_client[-1])
+    with pytest.raises(IndexError):
+        draws[len(CLIENTS)]
+    with pytest.raises(ValueError, match="contiguous"):
+        draws[::2]
+    flat = RoundDraws.of(per_client, epochs=3, k=4)
+    assert np.array_equal(flat.starts, draws.starts)
+    assert np.array_equal(flat.orders, draws.orders) and np.array_equal(flat.negatives, draws.negatives)
+    assert RoundDraws.of(draws, epochs=3, k=4) is draws
+    with pytest.raises(ValueError, match="negatives"):
+        RoundDraws.of(draws, epochs=3, k=5)
+    with pytest.raises(ValueError):
+        per_client[0].negatives[0, 0, 0] = 1  # every client's view shares the round's arrays
