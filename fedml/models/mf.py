@@ -103,6 +103,8 @@ def fold_in(
     s0 = torch.sigmoid(b)
     catalogue = _Catalogue(q=q, b=b, hessian0=q.T @ (q * (s0 * (1.0 - s0))[:, None]), gradient0=s0 @ q)
     sizes = np.array([len(items) for items in histories], dtype=np.int64)
+    flat = np.concatenate([np.asarray(items, dtype=np.int64) for items in histories] or [np.zeros(0, np.int64)])
+    starts = np.cumsum(sizes) - sizes  # shopper k's history is flat[starts[k] : starts[k] + sizes[k]]
     order = np.argsort(sizes, kind="stable")  # chunks of similar history lengths: little padding
     # chunks of at most chunk_size shoppers (small working sets stay in cache), [shoppers, n_items] scores
     # at most 64 MiB of floats, padded histories at most 1 Mi entries
@@ -112,7 +114,7 @@ def fold_in(
         rows = np.arange(1, min(max_rows, len(order) - start) + 1)
         stop = start + max(1, int((rows * sizes[order[start : start + len(rows)]] <= 1 << 20).sum()))
         chunk = order[start:stop]
-        hist = _Histories.of([histories[i] for i in chunk], negatives, n_items, q.device)
+        hist = _Histories.of(flat, starts[chunk], sizes[chunk], negatives, n_items, q.device)
         out[torch.as_tensor(chunk, device=q.device)] = _fold_in_chunk(catalogue, hist, l2, iterations, tolerance)
         start = stop
     return out
@@ -137,12 +139,14 @@ class _Histories:
     weight: torch.Tensor  # float32 [n]: the negative weight c
 
     @classmethod
-    def of(cls, histories: list[np.ndarray], negatives: int, n_items: int, device: torch.device) -> _Histories:
-        sizes = np.array([len(items) for items in histories], dtype=np.int64)
+    def of(
+        cls, flat: np.ndarray, starts: np.ndarray, sizes: np.ndarray, negatives: int, n_items: int, device: torch.device
+    ) -> _Histories:
+        """The histories ``flat[starts[k] : starts[k] + sizes[k]]``."""
         columns = np.arange(int(sizes.max(initial=0)))
         mask = columns[None, :] < sizes[:, None]
-        items = np.zeros(mask.shape, dtype=np.int64)
-        items[mask] = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories] or [np.zeros(0, np.int64)])
+        positions = np.minimum(starts[:, None] + columns, max(len(flat) - 1, 0))  # clipped: padding reads anything
+        items = np.where(mask, flat[positions], 0) if len(flat) else np.zeros(mask.shape, dtype=np.int64)
         size = torch.as_tensor(sizes, device=device).float()
         weight = negatives * size / (n_items - size).clamp(min=1.0)
         return cls(torch.as_tensor(items, device=device), torch.as_tensor(mask, device=device).float(), weight)
