@@ -56,8 +56,12 @@ class BatchedUpdate:
         return len(self.num_examples)
 
     def norms(self) -> torch.Tensor:
-        """float64 ``[C]``: each client's update norm (all its rows, embeddings and biases)."""
-        per_row = torch.linalg.vector_norm(self.delta_embeddings, dim=1, dtype=torch.float64).square()
+        """float64 ``[C]``: each client's update norm (all its rows, embeddings and biases).
+
+        A row's norm is taken in the deltas' dtype (one rounding, relative 1e-7 in float32), the sums
+        over a client's rows in float64.
+        """
+        per_row = torch.linalg.vector_norm(self.delta_embeddings, dim=1).double().square_()
         per_row += self.delta_bias.double().square()
         squares = torch.zeros(len(self), dtype=torch.float64, device=per_row.device)
         return squares.index_add_(0, self.owner, per_row).sqrt()
