@@ -76,7 +76,7 @@ class DeviceStore:
         return self._vectors.get(client)
 
     def put(self, client: int, vector: torch.Tensor) -> None:
-        self._vectors[client] = vector.detach()
+        self._vectors[client] = vector.detach() if vector.requires_grad else vector  # no second tensor per client
 
     def __len__(self) -> int:
         return len(self._vectors)
