@@ -77,6 +77,7 @@ def fold_in(
     iterations: int = FOLD_IN_ITERATIONS,
     tolerance: float = FOLD_IN_TOLERANCE,
     chunk_size: int = 512,
+    catalogue: FoldInCatalogue | None = None,
 ) -> torch.Tensor:
     """User vectors for shoppers known only by their histories (item indices), item table frozen.
 
@@ -96,12 +97,14 @@ def fold_in(
     vector depends on its history and the item table alone, deterministically; the other histories
     of the call change it by float rounding only (matrix products of other shapes). It is the same
     computation for evaluation, serving and a new shopper. Returns float32 ``[len(histories), dim]``.
+    ``catalogue`` is ``FoldInCatalogue.of(table)``, for callers that fold in against one table many
+    times (a server): it saves recomputing the shared terms on every call.
     """
-    q, b = table.embeddings.float(), table.bias.float()
+    if catalogue is None:
+        catalogue = FoldInCatalogue.of(table)
+    q = catalogue.q
     n_items, dim = q.shape
     out = torch.zeros(len(histories), dim, dtype=q.dtype, device=q.device)
-    s0 = torch.sigmoid(b)
-    catalogue = _Catalogue(q=q, b=b, hessian0=q.T @ (q * (s0 * (1.0 - s0))[:, None]), gradient0=s0 @ q)
     sizes = np.array([len(items) for items in histories], dtype=np.int64)
     flat = np.concatenate([np.asarray(items, dtype=np.int64) for items in histories] or [np.zeros(0, np.int64)])
     starts = np.cumsum(sizes) - sizes  # shopper k's history is flat[starts[k] : starts[k] + sizes[k]]
@@ -120,14 +123,20 @@ def fold_in(
     return out
 
 
-@dataclass
-class _Catalogue:
-    """The frozen item table (float32), and its fold-in terms at ``p = 0``."""
+@dataclass(frozen=True)
+class FoldInCatalogue:
+    """The frozen item table (float32), and its fold-in terms at ``p = 0`` shared by all shoppers."""
 
     q: torch.Tensor  # [n_items, dim]
     b: torch.Tensor  # [n_items]
     hessian0: torch.Tensor  # [dim, dim]: sum_j s(b_j)(1 - s(b_j)) q_j q_j^T
     gradient0: torch.Tensor  # [dim]: sum_j s(b_j) q_j
+
+    @classmethod
+    def of(cls, table: ItemTable) -> FoldInCatalogue:
+        q, b = table.embeddings.float(), table.bias.float()
+        s0 = torch.sigmoid(b)
+        return cls(q=q, b=b, hessian0=q.T @ (q * (s0 * (1.0 - s0))[:, None]), gradient0=s0 @ q)
 
 
 @dataclass
@@ -156,7 +165,7 @@ class _Histories:
 
 
 def _fold_in_chunk(
-    catalogue: _Catalogue, hist: _Histories, l2: float, iterations: int, tolerance: float
+    catalogue: FoldInCatalogue, hist: _Histories, l2: float, iterations: int, tolerance: float
 ) -> torch.Tensor:
     """:func:`fold_in` of one chunk of histories: ``[n, dim]``."""
     q, b = catalogue.q, catalogue.b
@@ -239,7 +248,7 @@ class _InverseBFGS:
 
 
 def _gradient(
-    catalogue: _Catalogue, hist: _Histories, q_hist: torch.Tensor, p: torch.Tensor, l2: float, out: torch.Tensor
+    catalogue: FoldInCatalogue, hist: _Histories, q_hist: torch.Tensor, p: torch.Tensor, l2: float, out: torch.Tensor
 ) -> torch.Tensor:
     """The fold-in objective's gradient at ``p`` (``[n, dim]``; ``q_hist``: the histories' item rows).
 

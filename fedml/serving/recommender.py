@@ -17,7 +17,7 @@ import torch
 
 from fedml.data.ids import IdMap
 from fedml.files import atomic_write_text
-from fedml.models.mf import FOLD_IN_ITERATIONS, ItemTable, fold_in, score_all
+from fedml.models.mf import FOLD_IN_ITERATIONS, FoldInCatalogue, ItemTable, fold_in, score_all
 
 WEIGHTS_FILE = "item_table.npz"
 IDS_FILE = "ids.json"
@@ -40,6 +40,8 @@ class Recommender:
     negatives: int = 4
     fold_in_l2: float = 1.0
     fold_in_iterations: int = FOLD_IN_ITERATIONS
+    # the table's fold-in terms shared by all shoppers, computed once per table (a server folds in per request)
+    _catalogue: tuple[ItemTable, FoldInCatalogue] | None = field(default=None, init=False, repr=False, compare=False)
 
     def recommend(self, history: list[str], k: int = 10) -> Recommendation:
         """Top-``k`` items for a shopper who interacted with ``history`` (oldest first), seen items excluded."""
@@ -51,9 +53,12 @@ class Recommender:
         The evaluation protocol scores through this too, so that evaluated and served models agree.
         """
         with torch.no_grad():
+            if self._catalogue is None or self._catalogue[0] is not self.table:
+                self._catalogue = (self.table, FoldInCatalogue.of(self.table))
             vectors = fold_in(
-                self.table, histories, negatives=self.negatives, l2=self.fold_in_l2, iterations=self.fold_in_iterations
-            )
+                self.table, histories, negatives=self.negatives, l2=self.fold_in_l2,
+                iterations=self.fold_in_iterations, catalogue=self._catalogue[1],
+            )  # fmt: skip
             return score_all(self.table, vectors)
 
     def recommend_many(self, histories: list[list[str]], k: int = 10) -> list[Recommendation]:
