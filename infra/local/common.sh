@@ -68,3 +68,13 @@ wait_http() {
   tail -n 30 "$LOGS/$name.log" >&2
   die "$name not healthy after $seconds s"
 }
+
+# select_services [SERVICE...]: the services named (default: all), checked; then `want NAME` tells if NAME is one
+select_services() {
+  wanted=("$@")
+  [ ${#wanted[@]} -gt 0 ] || wanted=("${SERVICES[@]}")
+  for service in "${wanted[@]}"; do
+    [[ " ${SERVICES[*]} " == *" $service "* ]] || die "unknown service '$service' (one of: ${SERVICES[*]})"
+  done
+}
+want() { [[ " ${wanted[*]} " == *" $1 "* ]]; }

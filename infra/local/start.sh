@@ -97,12 +97,7 @@ ENV
   )
 }
 
-wanted=("$@")
-[ ${#wanted[@]} -gt 0 ] || wanted=("${SERVICES[@]}")
-for service in "${wanted[@]}"; do
-  [[ " ${SERVICES[*]} " == *" $service "* ]] || die "unknown service '$service' (one of: ${SERVICES[*]})"
-done
-want() { [[ " ${wanted[*]} " == *" $1 "* ]]; }
+select_services "$@"
 
 want postgres && start_postgres
 want mlflow && start_mlflow

@@ -6,12 +6,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 [ -d "$STATE" ] || { say "no stack in $STATE"; exit 0; }
-wanted=("$@")
-[ ${#wanted[@]} -gt 0 ] || wanted=("${SERVICES[@]}")
-for service in "${wanted[@]}"; do
-  [[ " ${SERVICES[*]} " == *" $service "* ]] || die "unknown service '$service' (one of: ${SERVICES[*]})"
-done
-want() { [[ " ${wanted[*]} " == *" $1 "* ]]; }
+select_services "$@"
 
 want serve && halt serve
 want worker && halt worker
