@@ -103,7 +103,7 @@ class _WeightedDeltaSum:
         num_examples = np.asarray(batch.num_examples, dtype=np.int64)
         scales, clipped = self._scales(num_examples, norms)
         acc = _Accumulator(n_items, dim, device)
-        per_row = torch.as_tensor(scales, dtype=torch.float64, device=batch.owner.device)[batch.owner]
+        per_row = torch.as_tensor(scales, dtype=torch.float64, device=batch.owner.device).index_select(0, batch.owner)
         acc.add_rows(batch.rows, batch.delta_embeddings, batch.delta_bias, per_row)
         return PartialSum(acc.embeddings, acc.bias, num_examples, norms, clipped)
 

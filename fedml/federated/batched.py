@@ -112,8 +112,8 @@ def batched_client_updates(
     p = _initial_vectors(table, positives, user_vectors, config)
     plan = _plan(positives, RoundDraws.of(draws, config.epochs, config.negatives), table.n_items, config, device)
     n_clients = len(positives)
-    q0 = table.embeddings[plan.rows]
-    b0 = table.bias[plan.rows]
+    q0 = table.embeddings.index_select(0, plan.rows)  # index_select: several times faster than t[rows] on CPU
+    b0 = table.bias.index_select(0, plan.rows)
     q, b = q0.clone(), b0.clone()
     loss_sums = torch.zeros(n_clients, dtype=torch.float64, device=device)
     for step in plan.steps:
@@ -152,10 +152,10 @@ def _initial_vectors(
             l2=config.fold_in_l2,
             iterations=config.init_iterations,
         )
-        p[torch.as_tensor(new, device=device)] = folded.to(dtype)
+        p.index_copy_(0, torch.as_tensor(new, device=device), folded.to(dtype))
     if known:
         own = torch.stack([user_vectors[i].to(device=device, dtype=dtype) for i in known])  # type: ignore[union-attr]
-        p[torch.as_tensor(known, device=device)] = own
+        p.index_copy_(0, torch.as_tensor(known, device=device), own)
     return p
 
 
@@ -278,13 +278,14 @@ def _batched_sgd_step(
     vector, and the row's gradient is the sum of its entries' score gradients times that vector.
     """
     n, k = step.n, config.negatives
-    p_active = p[step.active]
-    q_step, b_step = q[step.rows], b[step.rows]
-    p_rows = p_active[step.row_client]  # [U, d]: each row's client's vector
+    # rows are gathered by index_select (several times faster than advanced indexing on CPU)
+    p_active = p.index_select(0, step.active)
+    q_step, b_step = q.index_select(0, step.rows), b.index_select(0, step.rows)
+    p_rows = p_active.index_select(0, step.row_client)  # [U, d]: each row's client's vector
     work = torch.mul(q_step, p_rows)  # [U, d] scratch, reused below (fewer large allocations)
-    scores = (work.sum(1) + b_step)[step.flat]
-    pos_client = step.row_client[step.flat[:n]]  # [N]: each positive's client
-    size = step.batch_size[pos_client].to(q.dtype)
+    scores = (work.sum(1) + b_step).index_select(0, step.flat)
+    pos_client = step.row_client.index_select(0, step.flat[:n])  # [N]: each positive's client
+    size = step.batch_size.index_select(0, pos_client).to(q.dtype)
     s_pos, s_neg = scores[:n], scores[n:].view(n, k)
     g_pos = (torch.sigmoid(s_pos) - 1.0) / size  # d loss / d score
     g_neg = torch.sigmoid(s_neg) / size[:, None]

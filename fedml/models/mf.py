@@ -118,7 +118,9 @@ def fold_in(
         stop = start + max(1, int((rows * sizes[order[start : start + len(rows)]] <= 1 << 20).sum()))
         chunk = order[start:stop]
         hist = _Histories.of(flat, starts[chunk], sizes[chunk], negatives, n_items, q.device)
-        out[torch.as_tensor(chunk, device=q.device)] = _fold_in_chunk(catalogue, hist, l2, iterations, tolerance)
+        out.index_copy_(
+            0, torch.as_tensor(chunk, device=q.device), _fold_in_chunk(catalogue, hist, l2, iterations, tolerance)
+        )
         start = stop
     return out
 
@@ -170,9 +172,10 @@ def _fold_in_chunk(
     """:func:`fold_in` of one chunk of histories: ``[n, dim]``."""
     q, b = catalogue.q, catalogue.b
     n, dim = hist.items.shape[0], q.shape[1]
-    q_hist = q[hist.items]  # [n, width, dim]
+    # index_select rather than q[items]: the same rows, several times faster on CPU
+    q_hist = q.index_select(0, hist.items.view(-1)).view(*hist.items.shape, dim)  # [n, width, dim]
     # at p = 0: the catalogue's shared gradient and Hessian, times c, corrected for the history's items
-    s_hist = torch.sigmoid(b[hist.items])
+    s_hist = torch.sigmoid(b.index_select(0, hist.items.view(-1)).view(hist.items.shape))
     side = (1.0 - hist.weight)[:, None] * hist.mask  # a history item counts as a positive (1), not as a negative (c)
     gradient = _history_sum(side * s_hist - hist.mask, q_hist) + hist.weight[:, None] * catalogue.gradient0
     weighted = q_hist * (side * s_hist * (1.0 - s_hist))[:, :, None]
@@ -197,7 +200,7 @@ def _fold_in_chunk(
         if step_index == iterations - 1 or stopped == len(done):
             break
         if 8 * stopped > len(done):  # drop the stopped shoppers once they are worth a copy
-            p[active] = p_active
+            p.index_copy_(0, active, p_active)
             moving = ~done
             active, p_active, step, gradient, q_hist, done = (
                 t[moving] for t in (active, p_active, step, gradient, q_hist, done)
@@ -206,7 +209,7 @@ def _fold_in_chunk(
         new_gradient = _gradient(catalogue, hist, q_hist, p_active, l2, scores[: len(done)])
         bfgs.update(step, new_gradient - gradient)  # a stopped shopper's zero step leaves its H as it is
         gradient = new_gradient
-    p[active] = p_active
+    p.index_copy_(0, active, p_active)
     return p
 
 
