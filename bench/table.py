@@ -25,10 +25,16 @@ def render(path: Path) -> str:
             f"| {r['contender']} | {r['seconds']:.2f} | {r['client_updates_per_second']:,.0f} | "
             f"{r['examples_per_second']:,.0f} | {r['peak_rss_mib']:,.0f} | {r.get('ratio_to_central', float('nan')):.2f} |"
         )
-    lines += ["", "| population (one batched round) | items | clients | seconds | peak RSS (MiB) |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "| population (one batched round) | items | clients | seconds | peak RSS (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for p in report["population"]:
         if "shoppers" in p:
-            lines.append(f"| {p['shoppers']:,} shoppers | {p['items']:,} | {p['clients']:,} | {p['seconds']:.1f} | {p['peak_rss_mib']:,.0f} |")
+            lines.append(
+                f"| {p['shoppers']:,} shoppers | {p['items']:,} | {p['clients']:,} | {p['seconds']:.1f} | {p['peak_rss_mib']:,.0f} |"
+            )
     lines += ["", "| target | measured |", "| --- | ---: |"]
     for name, value in report["targets"].items():
         lines.append(f"| {name} | {'n/a' if value is None else f'{value:.2f}'} |")

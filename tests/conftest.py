@@ -67,14 +67,18 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; log:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.process.returncode}; log:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(self.url + health_path, timeout=2) as response:
                     if response.status == 200:
                         return
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError(f"server at {self.url} not healthy after {timeout:.0f} s; log:\n{self.log.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"server at {self.url} not healthy after {timeout:.0f} s; log:\n{self.log.read_text()[-3000:]}"
+        )
 
     def stop(self) -> None:
         self.process.terminate()

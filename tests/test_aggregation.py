@@ -29,7 +29,9 @@ def _update(rng: np.random.Generator, num_examples: int, scale: float = 0.05, n_
 
 
 def _scaled(update: ClientUpdate, factor: float) -> ClientUpdate:
-    return ClientUpdate(update.rows, update.delta_embeddings * factor, update.delta_bias * factor, update.num_examples, 0.0)
+    return ClientUpdate(
+        update.rows, update.delta_embeddings * factor, update.delta_bias * factor, update.num_examples, 0.0
+    )
 
 
 def _dense(update: ClientUpdate) -> tuple[np.ndarray, np.ndarray]:
@@ -102,14 +104,18 @@ def test_dp_fixed_denominator_is_the_weighted_sum_of_clipped_deltas():
     assert agg.num_clients == len(updates) and agg.num_examples == sum(u.num_examples for u in updates)
     # the denominator is fixed: half the clients give exactly the sum over that half / expected
     half = _dp(clip, 0.0, cap, expected).aggregate(updates[:2], N_ITEMS, DIM)
-    full_minus_rest = agg.delta_embeddings - _dp(clip, 0.0, cap, expected).aggregate(updates[2:], N_ITEMS, DIM).delta_embeddings
+    full_minus_rest = (
+        agg.delta_embeddings - _dp(clip, 0.0, cap, expected).aggregate(updates[2:], N_ITEMS, DIM).delta_embeddings
+    )
     torch.testing.assert_close(half.delta_embeddings, full_minus_rest, atol=1e-12, rtol=0)
 
 
 def test_dp_clipping_bounds_one_clients_contribution():
     rng = np.random.default_rng(2)
     clip, cap, expected = 0.1, 10.0, 3.7
-    ordinary = [_update(rng, n, scale=s) for n, s in ((4, 0.005), (12, 0.01), (8, 0.2), (3, 0.002), (20, 0.3), (6, 0.008))]
+    ordinary = [
+        _update(rng, n, scale=s) for n, s in ((4, 0.005), (12, 0.01), (8, 0.2), (3, 0.002), (20, 0.3), (6, 0.008))
+    ]
     ordinary_clipped = sum(_norm(u) > clip for u in ordinary)
     assert ordinary_clipped == 2
     base = _update(rng, 7, scale=1.0, n_rows=10)

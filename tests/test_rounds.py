@@ -74,7 +74,9 @@ class Recording:
         return aggregate
 
 
-def _dp_aggregator(data: UserItems, q: float, sigma: float, clip: float = 0.5, cap: float = 5.0, seed: int = 1) -> DPFedAvg:
+def _dp_aggregator(
+    data: UserItems, q: float, sigma: float, clip: float = 0.5, cap: float = 5.0, seed: int = 1
+) -> DPFedAvg:
     weights = np.minimum(data.counts() / cap, 1.0)
     return DPFedAvg(clip, sigma, cap, float(q * weights.sum()), torch.Generator().manual_seed(seed))
 
@@ -82,7 +84,14 @@ def _dp_aggregator(data: UserItems, q: float, sigma: float, clip: float = 0.5, c
 def test_fedavg_learns_the_clusters(shop):
     data, test_items = shop
     run = train_federated(
-        data, init_item_table(N_ITEMS, DIM, 0.1, seed=0), LOCAL, FedAvg(), rounds=5, client_rate=0.5, server_lr=10.0, seed=0
+        data,
+        init_item_table(N_ITEMS, DIM, 0.1, seed=0),
+        LOCAL,
+        FedAvg(),
+        rounds=5,
+        client_rate=0.5,
+        server_lr=10.0,
+        seed=0,
     )
     losses = [r.loss for r in run.reports]
     assert [r.round for r in run.reports] == [1, 2, 3, 4, 5]
@@ -251,7 +260,12 @@ def test_train_model_states_user_level_privacy(shop):
 def test_train_model_without_dp_has_no_statement(shop):
     data, _ = shop
     config = RunConfig()
-    for override in ("federated.rounds=1", "federated.client_rate=0.1", "model.dim=4", "privacy.dp_fedavg.enabled=false"):
+    for override in (
+        "federated.rounds=1",
+        "federated.client_rate=0.1",
+        "model.dim=4",
+        "privacy.dp_fedavg.enabled=false",
+    ):
         apply_override(config, override)
     outcome = train_model(data, config)
     assert outcome.central is None and outcome.headline is None

@@ -169,15 +169,17 @@ def test_now_parameter_bounds_timestamps(raw: pd.DataFrame) -> None:
 
 
 def test_typed_input_ints_and_datetimes() -> None:
-    frame = pd.DataFrame({
-        "user_id": [1, 1, 1, 2.0],
-        "item_id": ["a", "b", "c", "d"],
-        "event": ["view", "rating", "purchase", "view"],
-        "rating": [np.nan, 3.5, np.nan, np.nan],
-        "timestamp": pd.to_datetime(
-            ["2020-01-01", "2020-01-02 00:00:01", "2020-01-03", "2030-01-01"], format="ISO8601"
-        ),
-    })
+    frame = pd.DataFrame(
+        {
+            "user_id": [1, 1, 1, 2.0],
+            "item_id": ["a", "b", "c", "d"],
+            "event": ["view", "rating", "purchase", "view"],
+            "rating": [np.nan, 3.5, np.nan, np.nan],
+            "timestamp": pd.to_datetime(
+                ["2020-01-01", "2020-01-02 00:00:01", "2020-01-03", "2030-01-01"], format="ISO8601"
+            ),
+        }
+    )
     res = _validate(frame, min_interactions=1)
     assert res.kept["user_id"].tolist() == ["1", "1", "1"]
     assert res.kept["timestamp"].tolist() == [1577836800, 1577923201, 1578009600]
@@ -195,8 +197,9 @@ def test_empty_frame_with_columns_is_valid() -> None:
 
 def test_missing_column_is_a_schema_breach(raw: pd.DataFrame) -> None:
     with pytest.raises(SchemaError, match="timestamp") as info:
-        validate_interactions(raw.drop(columns=["timestamp"]), source="events.csv",
-                              expectations_dir=EXPECTATIONS, now=NOW)
+        validate_interactions(
+            raw.drop(columns=["timestamp"]), source="events.csv", expectations_dir=EXPECTATIONS, now=NOW
+        )
     assert str(info.value) == "events.csv: missing required column(s): timestamp"
     assert info.value.missing == ("timestamp",)
     assert isinstance(info.value, ValueError)
@@ -245,8 +248,14 @@ def _rows(kinds: list[str]) -> tuple[pd.DataFrame, set[int]]:
             rows.append({**rows[-1], "tag": f"t{i}"})  # an exact repeat of the previous row
             bad.add(i)
             continue
-        row = {"tag": f"t{i}", "user_id": f"u{i % 3}", "item_id": f"i{i}", "event": "view",
-               "rating": "", "timestamp": str(1_000_000_000 + i)}
+        row = {
+            "tag": f"t{i}",
+            "user_id": f"u{i % 3}",
+            "item_id": f"i{i}",
+            "event": "view",
+            "rating": "",
+            "timestamp": str(1_000_000_000 + i),
+        }
         row.update(_BAD.get(kind, {}))
         bad.update([i] if kind in _BAD else [])
         rows.append(row)

@@ -340,8 +340,11 @@ def _show(value: Any, limit: int = 60) -> str:
 def _check_schema(typed: pd.DataFrame, suite: Any, source: str) -> list[Any]:
     """Run the schema suite; raise :class:`SchemaError` on any failure."""
     results = run_suite(typed, suite)
-    missing = [r.expectation_config.kwargs["column"] for r in results
-               if r.expectation_config.type == "expect_column_to_exist" and not r.success]
+    missing = [
+        r.expectation_config.kwargs["column"]
+        for r in results
+        if r.expectation_config.type == "expect_column_to_exist" and not r.success
+    ]
     problems = [f"missing required column(s): {', '.join(missing)}"] if missing else []
     for r in results:
         column = r.expectation_config.kwargs.get("column")
@@ -475,9 +478,17 @@ def _type_entries(type_errors: dict[int, list[str]]) -> list[dict[str, Any]]:
     entries = []
     for column in (RATING, TIMESTAMP):
         count = sum(1 for msgs in type_errors.values() for m in msgs if m.startswith(f"type: {column} "))
-        entries.append({"suite": "coercion", "expectation": f"type({column})", "type": "type_coercion",
-                        "columns": [column], "success": count == 0, "unexpected_count": count,
-                        "rows_quarantined": count})
+        entries.append(
+            {
+                "suite": "coercion",
+                "expectation": f"type({column})",
+                "type": "type_coercion",
+                "columns": [column],
+                "success": count == 0,
+                "unexpected_count": count,
+                "rows_quarantined": count,
+            }
+        )
     return entries
 
 

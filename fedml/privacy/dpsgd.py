@@ -85,9 +85,7 @@ class MFModel(nn.Module):
         return scores, sq_norm
 
     def item_table(self) -> ItemTable:
-        return ItemTable(
-            self.item.weight.detach().clone(), self.item_bias.weight.detach().reshape(-1).clone()
-        )
+        return ItemTable(self.item.weight.detach().clone(), self.item_bias.weight.detach().reshape(-1).clone())
 
 
 class RecordLoss(nn.Module):
@@ -133,9 +131,7 @@ class WithNegatives:
     def __call__(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         users = torch.stack([u for u, _ in batch]) if batch else torch.zeros(0, dtype=torch.int64)
         positives = torch.stack([i for _, i in batch]) if batch else torch.zeros(0, dtype=torch.int64)
-        negs = torch.randint(
-            self.n_items, (len(batch), self.negatives), generator=self.generator, dtype=torch.int64
-        )
+        negs = torch.randint(self.n_items, (len(batch), self.negatives), generator=self.generator, dtype=torch.int64)
         return users, torch.cat([positives.unsqueeze(1), negs], dim=1)
 
 

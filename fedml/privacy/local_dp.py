@@ -72,9 +72,7 @@ def laplace_ratings(
     return out
 
 
-def discrete_laplace_moments(
-    epsilon: float, low: float, high: float, resolution: float
-) -> tuple[float, float]:
+def discrete_laplace_moments(epsilon: float, low: float, high: float, resolution: float) -> tuple[float, float]:
     """(mean |noise|, variance) in rating units, before clamping, of :func:`laplace_ratings`."""
     a = epsilon / _grid_steps(low, high, resolution)
     r = math.exp(-a)
@@ -139,7 +137,12 @@ def randomized_response_statement(epsilon: float) -> PrivacyStatement:
 
 def _pure_record_statement(epsilon: float, mechanism: str) -> PrivacyStatement:
     return PrivacyStatement(
-        epsilon=float(epsilon), delta=0.0, unit="record", mechanism=mechanism, accountant="pure-epsilon", sampling="none"
+        epsilon=float(epsilon),
+        delta=0.0,
+        unit="record",
+        mechanism=mechanism,
+        accountant="pure-epsilon",
+        sampling="none",
     )
 
 
