@@ -14,7 +14,7 @@ from tests.test_ops import PASSING, _register
 
 pytestmark = pytest.mark.integration
 
-MODEL = "ops-test"  # _register's model
+MODEL = "ops-race"  # its own registered model: the other tests' versions must not be its production
 POLICY = Policy(max_epsilon=8.0, min_hr_at_10=0.0, max_regression=0.02)
 
 
@@ -51,11 +51,11 @@ def test_concurrent_promotions_never_leave_a_failing_version_in_production(pipel
     with promotion_lock(MODEL) as how:
         assert how == "prefect"  # the session's Prefect API is configured: its concurrency limit is the lock
     client = MlflowClient()
-    base = _register(client, PASSING)
+    base = _register(client, PASSING, MODEL)
     promote(client, MODEL, "production", base, POLICY, "setup", "baseline")
     for _ in range(3):
-        better = _register(client, {**PASSING, "quality.hr_at_10": "0.50"})
-        worse = _register(client, {**PASSING, "quality.hr_at_10": "0.30"})
+        better = _register(client, {**PASSING, "quality.hr_at_10": "0.50"}, MODEL)
+        worse = _register(client, {**PASSING, "quality.hr_at_10": "0.30"}, MODEL)
         # each passes against the old production (0.30); the worse one fails against the better one
         _race([(better, "a"), (worse, "b")])
         holder = client.get_model_version_by_alias(MODEL, "production").version

@@ -14,20 +14,20 @@ PASSING = {"privacy.epsilon": "3.0", "privacy.delta": "1e-05", "privacy.unit": "
            "validation.passed": "true", "privacy.lifetime_epsilon": "3.0", "audit.epsilon_lower_bound": "0.0"}  # fmt: skip
 
 
-def _register(client, tags: dict[str, str]) -> str:
-    """A real registered version carrying the facts the pipeline records (no training needed)."""
+def _register(client, tags: dict[str, str], model: str = MODEL) -> str:
+    """A real registered version of ``model`` carrying the facts the pipeline records (no training needed)."""
     experiment = client.get_experiment_by_name("ops-test") or client.get_experiment(
         client.create_experiment("ops-test")
     )
     run = client.create_run(experiment.experiment_id)
     client.set_terminated(run.info.run_id)
     try:
-        client.get_registered_model(MODEL)
+        client.get_registered_model(model)
     except Exception:
-        client.create_registered_model(MODEL)
-    version = client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+        client.create_registered_model(model)
+    version = client.create_model_version(model, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
     for key, value in tags.items():
-        client.set_model_version_tag(MODEL, version.version, key, value)
+        client.set_model_version_tag(model, version.version, key, value)
     return version.version
 
 
