@@ -74,6 +74,18 @@ class MlflowLedger:
         log_metrics(self.client, entry_id, {"ledger/steps_done": steps_done}, step=steps_done)
         self.client.set_tag(entry_id, "ledger.steps_done", str(int(steps_done)))
 
+    def settle(self, entry_id: str, actor: str, reason: str) -> LedgerEntry:
+        """Close an open entry whose run is known to be dead: charged the rounds it reported plus the
+        one in flight (as a run that failed with an error). Refuses entries that are not open."""
+        entry = next((e for e in self.entries() if e.entry_id == entry_id), None)
+        if entry is None:
+            raise LedgerError(f"no ledger entry {entry_id!r} in experiment {self.experiment!r}")
+        if entry.status != "open":
+            raise LedgerError(f"ledger entry {entry_id} is {entry.status}, not open: nothing to settle")
+        charged = min(entry.steps_done + 1, entry.planned.steps)
+        self.close(entry_id, "failed", charged, note=f"settled by {actor}: {reason}")
+        return next(e for e in self.entries() if e.entry_id == entry_id)
+
     def close(self, entry_id: str, status: str, steps_charged: int, note: str = "") -> None:
         """Settle an entry: ``finished``, ``failed`` (charged ``steps_charged``) or ``refused``."""
         if status not in RUN_STATUS:

@@ -6,6 +6,8 @@
     python -m flows.ops promote VERSION --reason TEXT  put a version through the gate into production
     python -m flows.ops rollback --reason TEXT         production back to the version it replaced
     python -m flows.ops ledger [--cohort NAME]         the privacy ledger and each cohort's lifetime epsilon
+    python -m flows.ops ledger --settle ENTRY --confirm-stopped --reason TEXT
+                                                       charge a killed run what it reported, not all it planned
 
 Everything is read from and recorded in the tracking store (``MLFLOW_TRACKING_URI``, else the
 embedded local store). Promotion and rollback record who (``FEDML_ACTOR`` or the login name), when
@@ -89,9 +91,19 @@ def rollback(args: argparse.Namespace) -> int:
 def ledger(args: argparse.Namespace) -> int:
     from fedml.privacy.ledger import describe_entries
     from flows.ledger import MlflowLedger
+    from flows.promotion import current_actor
 
     config = _config(args)
-    entries = MlflowLedger(_client(), args.experiment or config.tracking.ledger_experiment).entries()
+    book = MlflowLedger(_client(), args.experiment or config.tracking.ledger_experiment)
+    if args.settle:
+        if not args.confirm_stopped:
+            print(
+                "error: --settle needs --confirm-stopped: a run that is still alive could spend more", file=sys.stderr
+            )
+            return 2
+        settled = book.settle(args.settle, current_actor(), args.reason or "run confirmed stopped")
+        print(f"settled {settled.entry_id}: charged {settled.steps_charged} of {settled.planned.steps} planned steps")
+    entries = book.entries()
     if args.cohort:
         entries = [e for e in entries if e.cohort == args.cohort]
     delta = args.delta if args.delta is not None else config.privacy.delta
@@ -132,16 +144,21 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--experiment", help="the ledger's MLflow experiment (default from the configuration)")
     sub.add_argument("--delta", type=float, help="report epsilon at this delta (default from the configuration)")
     sub.add_argument("--accountant", choices=["rdp", "prv"], help="the accountant for the lifetime figure")
+    sub.add_argument("--settle", metavar="ENTRY_ID", help="close the open entry of a run that was killed: charge "
+                     "the rounds it reported plus the one in flight instead of all it planned")  # fmt: skip
+    sub.add_argument("--confirm-stopped", action="store_true", help="with --settle: the run's process is gone")
+    sub.add_argument("--reason", help="with --settle: why (recorded on the entry)")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedml.privacy.ledger import LedgerError
     from flows.promotion import PromotionError
 
     args = parser().parse_args(argv)
     try:
         return args.handler(args)
-    except PromotionError as exc:
+    except (PromotionError, LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

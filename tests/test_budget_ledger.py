@@ -122,3 +122,16 @@ def test_third_run_over_the_lifetime_budget_is_refused_and_the_killed_run_still_
     for status in ("finished", "open", "refused"):
         assert status in shown.stdout
     assert f"lifetime epsilon {spent_by_two:.3f}" in shown.stdout
+
+    # an operator who knows the killed process is gone settles its entry: charged the rounds it
+    # reported plus the one in flight; the third run's spend then fits and it trains
+    settle = [sys.executable, "-m", "flows.ops", "ledger", "--cohort", COHORT, "--settle", open_.entry_id]
+    refused_settle = subprocess.run(settle, env=env, capture_output=True, text=True, cwd=pipeline_env)
+    assert refused_settle.returncode == 2 and "--confirm-stopped" in refused_settle.stderr
+    subprocess.run([*settle, "--confirm-stopped", "--reason", "killed by the test"], env=env, check=True,
+                   capture_output=True, text=True, cwd=pipeline_env)  # fmt: skip
+    settled = next(e for e in _ledger().entries() if e.entry_id == open_.entry_id)
+    assert settled.status == "failed" and settled.steps_charged == open_.steps_done + 1
+    assert "settled by" in settled.note and "killed by the test" in settled.note
+    fourth = run_pipeline([*common, f"federated.rounds={rounds_third}"], policy)
+    assert fourth.is_completed(), fourth.message
