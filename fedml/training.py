@@ -21,6 +21,7 @@ from fedml.data.split import positive_mask
 from fedml.federated.aggregation import DPFedAvg, FedAvg
 from fedml.federated.client import LocalTraining
 from fedml.federated.rounds import RoundReport, ShardRunner, run_in_process, train_federated
+from fedml.federated.server_optim import server_optimizer
 from fedml.models.mf import ItemTable, init_item_table
 from fedml.privacy.accountant import SubsampledGaussianAccountant, calibrate_noise_multiplier
 from fedml.privacy.audit import (
@@ -242,6 +243,9 @@ def _train_federated(
         shards=fed.shards,
         shard_runner=shard_runner,
         on_round=on_round,
+        server_optimizer=server_optimizer(
+            fed.server_optimizer, fed.server_lr, beta1=fed.server_beta1, beta2=fed.server_beta2, tau=fed.server_tau
+        ),
     )
     statement = None
     if accountant is not None:

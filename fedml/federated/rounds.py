@@ -28,6 +28,7 @@ from fedml.federated.aggregation import PartialSum, RoundAggregate
 from fedml.federated.client import LocalTraining, client_update
 from fedml.federated.randomness import RoundDraws, draw_round
 from fedml.federated.sampling import poisson_sample
+from fedml.federated.server_optim import ServerOptimizer, ServerSGD
 from fedml.models.mf import ItemTable
 from fedml.threads import single_thread
 
@@ -153,17 +154,20 @@ def train_federated(
     shards: int = 1,
     shard_runner: ShardRunner = run_in_process,
     on_round: Callable[[RoundReport], None] | None = None,
+    server_optimizer: ServerOptimizer | None = None,
 ) -> FederatedRun:
     """Run ``rounds`` rounds of federated training.
 
     Every round Poisson-samples clients with rate ``client_rate``, trains each on its own positives
     (``engine``; split into ``shards`` run by ``shard_runner``), aggregates with ``aggregator`` and
-    moves the global item table by ``server_lr`` times the aggregate. The accountant, when given,
+    moves the global item table by ``server_lr`` times the aggregate, or by ``server_optimizer``
+    (:mod:`fedml.federated.server_optim`) when given (it then owns the rate). The accountant, when given,
     advances once per round and its epsilon at ``delta`` is reported with the round. ``data`` may
     also be a lazily generated population with ``round_data(clients)`` (see
     :mod:`fedml.data.population`): then only the round's clients are materialised.
     """
     rng = np.random.default_rng(seed)
+    optimizer = server_optimizer if server_optimizer is not None else ServerSGD(server_lr)
     table = init.to(device).clone()
     devices = DeviceStore()
     reports: list[RoundReport] = []
@@ -186,8 +190,7 @@ def train_federated(
         for client, vector in zip(sampled, new_vectors):
             devices.put(client, vector)
         aggregate = aggregator.finish([r.partial for r in results], table.n_items, table.dim, device)
-        table.embeddings += server_lr * aggregate.delta_embeddings.to(table.embeddings.dtype)
-        table.bias += server_lr * aggregate.delta_bias.to(table.bias.dtype)
+        optimizer.step(table, aggregate.delta_embeddings, aggregate.delta_bias)
         epsilon = None
         if accountant is not None:
             accountant.step()
