@@ -21,8 +21,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic", "movielens", "events"] = "synthetic"
-    path: str = ""  # file or folder for movielens / events sources
+    source: Literal["synthetic", "movielens", "tmall", "events"] = "synthetic"
+    path: str = ""  # file or folder for movielens / tmall / events sources
     # synthetic shop
     n_shoppers: int = 20000
     n_items: int = 1000
@@ -54,6 +54,10 @@ class FederatedConfig:
     local_batch_size: int = 32
     negatives: int = 4
     server_lr: float = 500.0
+    server_optimizer: Literal["sgd", "momentum", "adam"] = "sgd"  # FedAvg(M)/FedAdam (federated.server_optim)
+    server_beta1: float = 0.9  # momentum / Adam's first moment
+    server_beta2: float = 0.99  # Adam's second moment
+    server_tau: float = 1e-3  # Adam's adaptivity (epsilon)
     client_init_iterations: int = 2  # fold-in steps of a new client's start (federated.client.CLIENT_INIT_ITERATIONS)
     engine: Literal["reference", "batched"] = "batched"  # one client at a time, or a round's clients batched
     shards: int = 1  # split each round's clients into this many shards (Prefect tasks)

@@ -15,6 +15,7 @@ from fedml.data.events import load_events
 from fedml.data.movielens import load_movielens_100k
 from fedml.data.schema import REQUIRED_COLUMNS
 from fedml.data.synthetic import generate_shop
+from fedml.data.tmall import load_tmall
 
 FINGERPRINT_CHARS = 16
 
@@ -39,7 +40,7 @@ def load_source(config: DataConfig) -> SourceData:
             f"n_categories={config.n_categories}, mean_sessions={config.mean_sessions}, seed={config.seed})"
         )
         return SourceData(shop.interactions, shop.catalogue, name, fingerprint(shop.interactions))
-    readers = {"movielens": load_movielens_100k, "events": load_events}
+    readers = {"movielens": load_movielens_100k, "tmall": load_tmall, "events": load_events}
     if config.source not in readers:
         raise ConfigError(f"data.source must be one of synthetic, {', '.join(readers)}; got {config.source!r}")
     if not config.path:
