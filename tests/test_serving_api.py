@@ -384,3 +384,28 @@ def test_service_serves_production_and_follows_the_alias_without_restart(servers
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+@pytest.mark.integration
+def test_several_workers_serve_under_gunicorn(tmp_path, recommender):
+    model_dir = recommender.save(tmp_path / "model")
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "FEDML_SERVE_TOKEN": "t0ken"}
+    args = [sys.executable, "-m", "fedml.serving", "--model-dir", str(model_dir), "--port", str(port), "--workers", "2"]
+    with log.open("w") as handle:
+        process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    body = {"items": [recommender.ids.items[0], "no-such-item"], "k": 5}
+    try:
+        _wait_for(lambda: _get(base + "/readyz"), 120, "service not ready", log)
+        for _ in range(6):  # several connections: whichever worker answers, it answers the same
+            answer = _get(base + "/recommend", token="t0ken", body=body)
+            assert [r["item"] for r in answer["items"]] == recommender.recommend(body["items"], k=5).items
+            assert answer["unknown_items"] == ["no-such-item"]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _get(base + "/recommend", body=body)
+        assert refused.value.code == 401
+        assert "gunicorn" in log.read_text().lower()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

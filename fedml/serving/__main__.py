@@ -93,11 +93,35 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per reload in the log
     source = args.model_dir or f"models:/{args.model}@{args.alias} at {os.environ['MLFLOW_TRACKING_URI']}"
     print(f"serving {source} on http://{args.host}:{args.port} ({args.workers} worker(s))", file=sys.stderr, flush=True)
-    uvicorn.run(
-        "fedml.serving.__main__:create_app_from_environment", factory=True, host=args.host, port=args.port,
-        workers=args.workers, access_log=args.access_log, log_level="info",
-    )  # fmt: skip
+    if args.workers > 1:
+        _serve_with_gunicorn(args)
+    else:
+        uvicorn.run(
+            "fedml.serving.__main__:create_app_from_environment", factory=True, host=args.host, port=args.port,
+            access_log=args.access_log, log_level="info",
+        )  # fmt: skip
     return 0
+
+
+def _serve_with_gunicorn(args: argparse.Namespace) -> None:
+    """Several uvicorn worker processes under gunicorn (``SO_REUSEPORT``). Under uvicorn's own
+    multi-worker mode two workers used one core between them on an idle 2-core machine (the load was
+    not spread over the workers); under gunicorn they use both (bench/serve.py)."""
+    from gunicorn.app.base import BaseApplication
+
+    class Service(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in {
+                "bind": f"{args.host}:{args.port}", "workers": args.workers, "reuse_port": True,
+                "worker_class": "uvicorn.workers.UvicornWorker", "accesslog": "-" if args.access_log else None,
+                "loglevel": "info", "graceful_timeout": 10,
+            }.items():  # fmt: skip
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return create_app_from_environment()
+
+    Service().run()
 
 
 if __name__ == "__main__":
