@@ -7,21 +7,12 @@ import pytest
 
 from bench.quality import DATASETS, _describe, ease_scorer
 from fedml.config import apply_override, load_config
-from fedml.data.interactions import UserItems
 from fedml.evaluation.ranking import evaluate_ranking, popularity_scorer
+from tests.clustered_shop import clustered_shop
 
 
 def _clustered(n_users: int = 120, n_items: int = 30, clusters: int = 3, per_user: int = 6):
-    """Shoppers take items from their own cluster; one held-out item each, from the same cluster."""
-    rng = np.random.default_rng(0)
-    size = n_items // clusters
-    users, items, test = [], [], np.empty(n_users, dtype=np.int64)
-    for user in range(n_users):
-        chosen = rng.choice(size, per_user + 1, replace=False) + (user % clusters) * size
-        users += [user] * per_user
-        items += chosen[:-1].tolist()
-        test[user] = chosen[-1]
-    return UserItems.from_pairs(np.array(users), np.array(items), n_users, n_items), test
+    return clustered_shop(n_users, n_items, clusters, per_user)
 
 
 def test_ease_learns_item_to_item_similarity():

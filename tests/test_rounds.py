@@ -25,6 +25,7 @@ from fedml.federated.sampling import poisson_sample
 from fedml.models.mf import fold_in, init_item_table, score_all
 from fedml.privacy.accountant import SubsampledGaussianAccountant
 from fedml.training import train_model
+from tests.clustered_shop import clustered_shop
 from tests.privacy_reference import eps_integer_orders
 
 N_USERS, N_ITEMS, N_CLUSTERS, PER_USER, DIM = 300, 60, 3, 8, 8
@@ -39,16 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def shop() -> tuple[UserItems, np.ndarray]:
-    rng = np.random.default_rng(0)
-    size = N_ITEMS // N_CLUSTERS
-    users, items = [], []
-    test_items = np.empty(N_USERS, dtype=np.int64)
-    for user in range(N_USERS):
-        chosen = rng.choice(size, PER_USER + 1, replace=False) + (user % N_CLUSTERS) * size
-        users += [user] * PER_USER
-        items += chosen[:-1].tolist()
-        test_items[user] = chosen[-1]
-    return UserItems.from_pairs(np.array(users), np.array(items), N_USERS, N_ITEMS), test_items
+    return clustered_shop(N_USERS, N_ITEMS, N_CLUSTERS, PER_USER)
 
 
 class Recording:
