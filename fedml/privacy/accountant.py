@@ -17,6 +17,7 @@ the PRV path falls back to the (looser, still valid) RDP bound with a warning.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Literal
@@ -94,6 +95,7 @@ def gaussian_epsilon(
     return _epsilon(noise_multiplier, sample_rate, steps, delta, accountant, warn=True)
 
 
+@functools.lru_cache(maxsize=64)  # pure; the ledger's plan and DP-SGD training ask for the same σ
 def calibrate_noise_multiplier(
     target_epsilon: float,
     sample_rate: float,
