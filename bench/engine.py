@@ -77,7 +77,7 @@ def _rounds_clients(data, w: Workload) -> list[np.ndarray]:
     ]
 
 
-REPEATS = 3  # in-process contenders are timed this many times; the median is reported (noisy machines)
+REPEATS = 5  # in-process contenders are timed this many times; the median is reported (noisy machines)
 
 
 def run_contender(name: str, w: Workload, device: str) -> dict:

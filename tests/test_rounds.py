@@ -20,7 +20,8 @@ from fedml.evaluation.ranking import evaluate_ranking, popularity_scorer
 from fedml.federated import rounds as rounds_module
 from fedml.federated.aggregation import DPFedAvg, FedAvg, PartialSum, RoundAggregate
 from fedml.federated.client import ClientUpdate, LocalTraining
-from fedml.federated.rounds import DeviceStore, RoundReport, train_federated
+from fedml.federated.devices import DeviceStore, UserVectors
+from fedml.federated.rounds import RoundReport, train_federated
 from fedml.federated.sampling import poisson_sample
 from fedml.models.mf import fold_in, init_item_table, score_all
 from fedml.privacy.accountant import SubsampledGaussianAccountant
@@ -133,14 +134,14 @@ def dp_run(shop, request):
     read: list[tuple[int, torch.Tensor | None]] = []
 
     class RecordingStore(DeviceStore):
-        def put(self, client: int, vector: torch.Tensor) -> None:
-            stored.append((client, vector.detach().clone()))
-            super().put(client, vector)
+        def put_many(self, clients, vectors: torch.Tensor) -> None:
+            stored.extend((client, vector.detach().clone()) for client, vector in zip(clients, vectors))
+            super().put_many(clients, vectors)
 
-        def get(self, client: int) -> torch.Tensor | None:
-            vector = super().get(client)
-            read.append((client, None if vector is None else vector.clone()))
-            return vector
+        def get_many(self, clients, dim, dtype, device) -> UserVectors:
+            vectors = super().get_many(clients, dim, dtype, device)
+            read.extend((client, vectors.get(i)) for i, client in enumerate(clients))
+            return vectors
 
     aggregator = Recording(_dp_aggregator(data, q, sigma))
     accountant = SubsampledGaussianAccountant(sigma, q, "rdp")

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from fedml.federated.client import ClientUpdate, LocalTraining
+from fedml.federated.devices import UserVectors
 from fedml.federated.randomness import LocalDraws, RoundDraws, concat_int64
 from fedml.models.mf import ItemTable, fold_in
 
@@ -95,19 +96,21 @@ class _Step:
 def batched_client_updates(
     table: ItemTable,
     clients: Sequence[np.ndarray],
-    user_vectors: Sequence[torch.Tensor | None],
+    user_vectors: UserVectors | Sequence[torch.Tensor | None],
     config: LocalTraining,
     draws: Sequence[LocalDraws],
-) -> tuple[BatchedUpdate, list[torch.Tensor]]:
+) -> tuple[BatchedUpdate, torch.Tensor]:
     """Local training of all ``clients`` (their positives, in round order) at once.
 
     Equivalent to ``[client_update(table, clients[i], user_vectors[i], config, draws[i]) for i ...]``:
-    it returns the same uploads (as one :class:`BatchedUpdate`) and the same new user vectors, up
-    to float rounding. Tensors live on the item table's device.
+    it returns the same uploads (as one :class:`BatchedUpdate`) and the same new user vectors (row
+    ``i``: client ``i``'s), up to float rounding. Tensors live on the item table's device.
     """
     if not len(clients) == len(user_vectors) == len(draws):
         raise ValueError(f"{len(clients)} clients, {len(user_vectors)} user vectors and {len(draws)} draws")
     device = table.embeddings.device
+    if not isinstance(user_vectors, UserVectors):
+        user_vectors = UserVectors.of(user_vectors, table.dim, table.embeddings.dtype, device)
     positives = [np.asarray(items, dtype=np.int64) for items in clients]
     p = _initial_vectors(table, positives, user_vectors, config)
     plan = _plan(positives, RoundDraws.of(draws, config.epochs, config.negatives), table.n_items, config, device)
@@ -130,20 +133,19 @@ def batched_client_updates(
         num_examples=num_examples,
         losses=losses,
     )
-    return update, list(p.unbind(0))
+    return update, p
 
 
 def _initial_vectors(
-    table: ItemTable, positives: list[np.ndarray], user_vectors: Sequence[torch.Tensor | None], config: LocalTraining
+    table: ItemTable, positives: list[np.ndarray], user_vectors: UserVectors, config: LocalTraining
 ) -> torch.Tensor:
     """``[C, dim]``: each client's starting vector, its own or for a first-time client the fold-in of its history.
 
     All first-time clients are folded in by one call (fold-in is deterministic and draws nothing).
     """
     device, dtype = table.embeddings.device, table.embeddings.dtype
-    p = torch.zeros(len(positives), table.dim, dtype=dtype, device=device)
-    new = [i for i, v in enumerate(user_vectors) if v is None]
-    known = [i for i, v in enumerate(user_vectors) if v is not None]
+    p = user_vectors.values.to(device=device, dtype=dtype, copy=True)
+    new = np.flatnonzero(~user_vectors.known).tolist()
     if new:
         folded = fold_in(
             table,
@@ -153,9 +155,6 @@ def _initial_vectors(
             iterations=config.init_iterations,
         )
         p.index_copy_(0, torch.as_tensor(new, device=device), folded.to(dtype))
-    if known:
-        own = torch.stack([user_vectors[i].to(device=device, dtype=dtype) for i in known])  # type: ignore[union-attr]
-        p.index_copy_(0, torch.as_tensor(known, device=device), own)
     return p
 
 

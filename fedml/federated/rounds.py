@@ -26,6 +26,7 @@ import torch
 from fedml.data.interactions import UserItems
 from fedml.federated.aggregation import PartialSum, RoundAggregate
 from fedml.federated.client import LocalTraining, client_update
+from fedml.federated.devices import DeviceStore, UserVectors
 from fedml.federated.randomness import RoundDraws, draw_round
 from fedml.federated.sampling import poisson_sample
 from fedml.federated.server_optim import ServerOptimizer, ServerSGD
@@ -63,33 +64,13 @@ class RoundReport:
         return {k: float(v) for k, v in asdict(self).items() if v is not None and k != "round"}
 
 
-class DeviceStore:
-    """The shoppers' devices' private state: each client's user vector.
-
-    In simulation this is a dictionary held outside the server's code path: the aggregator and the
-    published model never read it, as on a real device.
-    """
-
-    def __init__(self) -> None:
-        self._vectors: dict[int, torch.Tensor] = {}
-
-    def get(self, client: int) -> torch.Tensor | None:
-        return self._vectors.get(client)
-
-    def put(self, client: int, vector: torch.Tensor) -> None:
-        self._vectors[client] = vector.detach() if vector.requires_grad else vector  # no second tensor per client
-
-    def __len__(self) -> int:
-        return len(self._vectors)
-
-
 @dataclass
 class Shard:
     """The work of some of a round's clients: everything a worker needs, nothing more."""
 
     table: ItemTable
     positives: list[np.ndarray]
-    vectors: list[torch.Tensor | None]
+    vectors: UserVectors  # the clients' own vectors, where they have one
     draws: RoundDraws  # the shard's clients' draws
     local: LocalTraining
     aggregator: Aggregator
@@ -101,7 +82,7 @@ class Shard:
 class ShardResult:
     partial: PartialSum
     losses: np.ndarray  # float64 [clients]: each client's mean local loss
-    vectors: list[torch.Tensor]  # the clients' new user vectors (they go back to the devices)
+    vectors: torch.Tensor  # [clients, dim]: the clients' new user vectors (they go back to the devices)
 
 
 def run_shard(shard: Shard) -> ShardResult:
@@ -115,12 +96,13 @@ def run_shard(shard: Shard) -> ShardResult:
         return ShardResult(partial, np.asarray(batch.losses, dtype=np.float64), vectors)
     updates, vectors = [], []
     with single_thread():
-        for positives, vector, draws in zip(shard.positives, shard.vectors, shard.draws):
-            update, new_vector = client_update(table, positives, vector, shard.local, draws)
+        for i, (positives, draws) in enumerate(zip(shard.positives, shard.draws)):
+            update, new_vector = client_update(table, positives, shard.vectors.get(i), shard.local, draws)
             updates.append(update)
             vectors.append(new_vector)
     partial = shard.aggregator.accumulate(updates, n_items, dim, shard.device)
-    return ShardResult(partial, np.array([u.loss for u in updates], dtype=np.float64), vectors)
+    stacked = torch.stack(vectors) if vectors else torch.zeros(0, dim, dtype=table.embeddings.dtype)
+    return ShardResult(partial, np.array([u.loss for u in updates], dtype=np.float64), stacked)
 
 
 #: runs ``run_shard`` over shards, returning results in the shards' order
@@ -178,7 +160,7 @@ def train_federated(
         sampled = drawn[counts[drawn] > 0].tolist()  # clients with something to train on
         positives = _round_positives(data, sampled)
         draws = draw_round(seed, round_index, sampled, positives, table.n_items, local.epochs, local.negatives)
-        vectors = [devices.get(c) for c in sampled]
+        vectors = devices.get_many(sampled, table.dim, table.embeddings.dtype, device)
         bounds = _shard_bounds(len(sampled), shards)
         results = shard_runner(
             [
@@ -186,9 +168,8 @@ def train_federated(
                 for lo, hi in zip(bounds[:-1], bounds[1:])
             ]
         )
-        new_vectors = [v for result in results for v in result.vectors]
-        for client, vector in zip(sampled, new_vectors):
-            devices.put(client, vector)
+        if sampled:
+            devices.put_many(sampled, torch.cat([result.vectors.to(device) for result in results]))
         aggregate = aggregator.finish([r.partial for r in results], table.n_items, table.dim, device)
         optimizer.step(table, aggregate.delta_embeddings, aggregate.delta_bias)
         epsilon = None
