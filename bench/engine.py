@@ -2,8 +2,9 @@
 
 ``make bench-engine`` (or ``python -m bench.engine [--quick] [--device cuda]``) writes
 ``bench/results/engine.json``. Every contender trains the same model (MF, dim 32, 4 negatives,
-1 local epoch) on the same data with the same rounds and clients per round; each runs in its own
-process so that its peak memory (max RSS) is its own:
+1 local epoch) on the same data with the same rounds and clients per round; every run is a process
+of its own (its peak memory, max RSS, is the contender's own), after an untimed warm-up on a tiny
+workload; the contenders take turns, :data:`REPEATS` times, and each reports its median run:
 
 1. ``central``: a centralised, non-private PyTorch pass over the same examples (the floor);
 2. ``reference``: our one-client-at-a-time engine;
@@ -77,17 +78,24 @@ def _rounds_clients(data, w: Workload) -> list[np.ndarray]:
     ]
 
 
-REPEATS = 5  # in-process contenders are timed this many times; the median is reported (noisy machines)
+REPEATS = 5  # each contender (Flower: once) is timed this many times; the median is reported (noisy machines)
+WARM_UP = Workload(shoppers=500, items=100, rounds=1, client_rate=0.2)  # first-call costs, off the clock
 
 
 def run_contender(name: str, w: Workload, device: str) -> dict:
-    """Run one contender in this process; returns its timings (the median of :data:`REPEATS` runs,
-    every run's seconds in ``runs``; Flower once: it takes minutes)."""
-    if name == "flower":
-        return _run_once(name, w, device)
-    runs = [_run_once(name, w, device) for _ in range(REPEATS)]
-    median = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
-    return median | {"runs": [r["seconds"] for r in runs]}
+    """One timed run of a contender in this process, after an untimed run on a tiny workload (lazy
+    initialisation: autograd, kernels, imports)."""
+    if name != "flower":
+        _run_once(name, WARM_UP, device)
+    return _run_once(name, w, device)
+
+
+def _median_of_runs(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "seconds" in r]
+    if not ok:
+        return runs[0]
+    median = sorted(ok, key=lambda r: r["seconds"])[len(ok) // 2]
+    return median | {"runs": [r["seconds"] for r in ok], "peak_rss_mib": max(r["peak_rss_mib"] for r in ok)}
 
 
 def _run_once(name: str, w: Workload, device: str) -> dict:
@@ -221,11 +229,17 @@ def main(argv: list[str] | None = None) -> int:
 
     contenders = [c for c in ("central", "reference", "batched", "batched_dp", "flower") if c not in args.skip]
     base = ["--device", args.device] + (["--quick"] if args.quick else [])
-    results = []
-    for name in contenders:
-        print(f"running {name} ...", flush=True)
-        results.append(_in_subprocess(["--contender", name, *base]) | {"contender": name})
-        print(json.dumps(results[-1]), flush=True)
+    # Repeats interleave the contenders (one process per run, so that each peak RSS is the
+    # contender's own): slow drifts of a shared machine hit every contender alike.
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for repeat in range(REPEATS):
+        for name in contenders:
+            if name == "flower" and repeat > 0:
+                continue  # minutes per run
+            print(f"run {repeat + 1}/{REPEATS}: {name} ...", flush=True)
+            runs[name].append(_in_subprocess(["--contender", name, *base]) | {"contender": name})
+            print(json.dumps(runs[name][-1]), flush=True)
+    results = [_median_of_runs(runs[name]) for name in contenders]
     floor = next((r for r in results if r["contender"] == "central" and "seconds" in r), None)
     for r in results:
         if floor and "seconds" in r:

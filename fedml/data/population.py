@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 
 from fedml.data.interactions import UserItems
+from fedml.data.ragged import ranges
 from fedml.data.schema import EVENT, ITEM, RATING, TIMESTAMP, USER
 from fedml.data.split import NO_TEST_ITEM, distinct_counts
 from fedml.data.synthetic import (
@@ -288,12 +289,12 @@ class LazyShop:
             first = split.indptr[local]
             lengths[positions] = split.indptr[local + 1] - first
             test[positions] = split.test[local]
-            pieces.append((positions, split.items[_ranges(first, lengths[positions])]))
+            pieces.append((positions, split.items[ranges(first, lengths[positions])]))
         indptr = np.zeros(k + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])
         items = np.empty(int(indptr[-1]), dtype=np.int64)
         for positions, values in pieces:
-            items[_ranges(indptr[positions], lengths[positions])] = values
+            items[ranges(indptr[positions], lengths[positions])] = values
         return UserItems(indptr=indptr, items=items, n_users=k, n_items=self._n_items), test
 
     def round_data(self, clients: np.ndarray) -> RoundData:
@@ -351,15 +352,6 @@ class LazyShop:
         if bad.any():
             raise IndexError(f"shopper {int(array[bad][0])} out of range 0..{self._n_shoppers - 1}")
         return array
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + n)`` for each pair (vectorised)."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - lengths), lengths)
 
 
 __all__ = ["LazyShop", "RoundData", "ShopperBlock", "DEFAULT_BLOCK_SIZE"]

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedml.data.ragged import Ragged
 from fedml.federated.client import ClientUpdate, LocalTraining
 from fedml.federated.devices import UserVectors
-from fedml.federated.randomness import LocalDraws, RoundDraws, concat_int64
+from fedml.federated.randomness import LocalDraws, RoundDraws
 from fedml.models.mf import ItemTable, fold_in
 
 
@@ -111,7 +112,7 @@ def batched_client_updates(
     device = table.embeddings.device
     if not isinstance(user_vectors, UserVectors):
         user_vectors = UserVectors.of(user_vectors, table.dim, table.embeddings.dtype, device)
-    positives = [np.asarray(items, dtype=np.int64) for items in clients]
+    positives = Ragged.of(clients)
     p = _initial_vectors(table, positives, user_vectors, config)
     plan = _plan(positives, RoundDraws.of(draws, config.epochs, config.negatives), table.n_items, config, device)
     n_clients = len(positives)
@@ -122,7 +123,7 @@ def batched_client_updates(
     for step in plan.steps:
         _batched_sgd_step(q, b, p, loss_sums, step, config)
 
-    num_examples = np.array([len(pos) for pos in positives], dtype=np.int64)
+    num_examples = positives.sizes
     losses = loss_sums.cpu().numpy() / np.maximum(plan.steps_per_client, 1)
     update = BatchedUpdate(
         rows=plan.rows,
@@ -137,7 +138,7 @@ def batched_client_updates(
 
 
 def _initial_vectors(
-    table: ItemTable, positives: list[np.ndarray], user_vectors: UserVectors, config: LocalTraining
+    table: ItemTable, positives: Ragged, user_vectors: UserVectors, config: LocalTraining
 ) -> torch.Tensor:
     """``[C, dim]``: each client's starting vector, its own or for a first-time client the fold-in of its history.
 
@@ -149,7 +150,7 @@ def _initial_vectors(
     if new:
         folded = fold_in(
             table,
-            [positives[i] for i in new],
+            positives.take(new),
             negatives=config.negatives,
             l2=config.fold_in_l2,
             iterations=config.init_iterations,
@@ -172,7 +173,7 @@ class _Plan:
 
 
 def _plan(
-    positives: list[np.ndarray],
+    positives: Ragged,
     draws: RoundDraws,
     n_items: int,
     config: LocalTraining,
@@ -181,13 +182,13 @@ def _plan(
     """Turn the draws into row copies and per-step index tensors (numpy, then one transfer each)."""
     k, epochs, bs = config.negatives, config.epochs, config.batch_size
     n_clients = len(positives)
-    n = np.array([len(pos) for pos in positives], dtype=np.int64)
+    n = positives.sizes
     clients = np.arange(n_clients, dtype=np.int64)
 
     # Private row copies: unique (client, item) keys over all positives, then all negatives; sorted,
     # so client-major and item-sorted within a client, as the reference's np.unique orders one
     # client's rows.
-    pos_items = concat_int64(positives)
+    pos_items = positives.flat
     neg_items = draws.negatives
     pos_start, neg_start = np.cumsum(n) - n, np.cumsum(n * epochs * k) - n * epochs * k
     keys = np.concatenate(

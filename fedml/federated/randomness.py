@@ -20,6 +20,8 @@ from typing import overload
 
 import numpy as np
 
+from fedml.data.ragged import Ragged
+
 _U = np.uint64
 _ORDER_STREAM = _U(0x6F72646572)  # "order"
 _NEGATIVE_STREAM = _U(0x6E65676174697665)  # "negative"
@@ -127,8 +129,8 @@ def draw_round(
     clients = np.asarray(clients, dtype=np.int64)
     if len(clients) != len(positives):
         raise ValueError(f"{len(clients)} clients but {len(positives)} positive lists")
-    sizes = np.array([len(p) for p in positives], dtype=np.int64)
-    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in positives] or [np.zeros(0, np.int64)])
+    rows = Ragged.of(positives)
+    sizes, flat = rows.sizes, rows.flat
     if not _sorted_unique_per_client(flat, sizes):
         raise ValueError("each client's positives must be sorted and unique (as UserItems.of returns them)")
     keys = client_keys(seed, round_index, clients)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fedml.data.interactions import UserItems
+from fedml.data.ragged import Ragged
 from fedml.federated.aggregation import PartialSum, RoundAggregate
 from fedml.federated.client import LocalTraining, client_update
 from fedml.federated.devices import DeviceStore, UserVectors
@@ -69,7 +70,7 @@ class Shard:
     """The work of some of a round's clients: everything a worker needs, nothing more."""
 
     table: ItemTable
-    positives: list[np.ndarray]
+    positives: Sequence[np.ndarray]  # a Ragged: row i is client i's
     vectors: UserVectors  # the clients' own vectors, where they have one
     draws: RoundDraws  # the shard's clients' draws
     local: LocalTraining
@@ -201,7 +202,13 @@ def _shard_bounds(n_clients: int, shards: int) -> list[int]:
     return [i * size + min(i, extra) for i in range(parts + 1)]
 
 
-def _round_positives(data: UserItems, clients: list[int]) -> list[np.ndarray]:
+def _round_positives(data: UserItems, clients: list[int]) -> Ragged:
+    """The clients' train positives, row ``i`` for ``clients[i]``."""
+    rows = np.asarray(clients, dtype=np.int64)
     round_data = getattr(data, "round_data", None)
-    source = round_data(np.asarray(clients, dtype=np.int64)) if round_data is not None and clients else data
-    return [source.of(c) for c in clients]
+    if round_data is not None and len(rows):
+        train = round_data(rows).train  # one row per client, in the order asked
+        return Ragged(train.items, train.indptr)
+    if isinstance(data, UserItems):
+        return Ragged.from_csr(data.items, data.indptr, rows)
+    return Ragged.of([data.of(c) for c in clients])

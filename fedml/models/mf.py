@@ -14,10 +14,13 @@ shopper, ``negatives`` items drawn uniformly from the catalogue are pushed down.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from fedml.data.ragged import Ragged
 
 
 @dataclass
@@ -70,7 +73,7 @@ FOLD_IN_TOLERANCE = 1e-5
 
 def fold_in(
     table: ItemTable,
-    histories: list[np.ndarray],
+    histories: Sequence[np.ndarray],
     *,
     negatives: int,
     l2: float,
@@ -105,8 +108,8 @@ def fold_in(
     q = catalogue.q
     n_items, dim = q.shape
     out = torch.zeros(len(histories), dim, dtype=q.dtype, device=q.device)
-    sizes = np.array([len(items) for items in histories], dtype=np.int64)
-    flat = np.concatenate([np.asarray(items, dtype=np.int64) for items in histories] or [np.zeros(0, np.int64)])
+    rows = Ragged.of(histories)
+    sizes, flat = rows.sizes, rows.flat
     starts = np.cumsum(sizes) - sizes  # shopper k's history is flat[starts[k] : starts[k] + sizes[k]]
     order = np.argsort(sizes, kind="stable")  # chunks of similar history lengths: little padding
     # chunks of at most chunk_size shoppers (small working sets stay in cache), [shoppers, n_items] scores
