@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedml.data.interactions import UserItems
-from fedml.evaluation.ranking import evaluate_ranking, popularity_scorer
+from fedml.evaluation.ranking import evaluate_ranking, popularity_scorer, recall_at_k
 
 N_ITEMS = 20
 HISTORIES = {0: [0, 1, 2], 1: [3, 4], 2: [5, 6, 7, 8], 3: [9]}
@@ -59,8 +59,12 @@ def test_perfect_scorer():
     assert metrics.hit_rate_sampled == 1.0 and metrics.ndcg_sampled == 1.0
     assert "3 shoppers" in metrics.protocol and "100 sampled negatives" in metrics.protocol
     assert set(metrics.as_metrics("test/")) == {
-        "test/hr_at_10", "test/ndcg_at_10", "test/hr_at_10_sampled", "test/ndcg_at_10_sampled", "test/coverage_at_10"
+        "test/hr_at_10", "test/ndcg_at_10", "test/recall_at_10", "test/hr_at_10_sampled", "test/ndcg_at_10_sampled",
+        "test/coverage_at_10",
     }  # fmt: skip
+    details = metrics.protocol_details
+    assert details["k"] == 10 and details["sampled_negatives"] == 100 and details["users"] == 3
+    assert details["split"] == "leave-last-out by time" and details["summary"] == metrics.protocol
 
 
 def test_adversarial_scorer():
@@ -195,3 +199,24 @@ def test_max_users_and_no_users():
     assert metrics.users == 2
     with pytest.raises(ValueError, match="no shopper"):
         evaluate_ranking(_scorer(_target_at(0)), _train(), np.full(4, -1), k=10)
+
+
+@pytest.mark.parametrize("rank", [0, 4, 9, 10, 15])
+def test_recall_equals_hit_rate_with_one_held_out_item(rank):
+    metrics = evaluate_ranking(_scorer(_target_at(rank)), _train(), TARGETS, k=10)
+    assert metrics.recall == metrics.hit_rate == float(rank < 10)
+
+
+def test_recall_with_several_held_out_items():
+    scores = np.array([[9.0, 8.0, 7.0, 6.0, 5.0, 4.0], [9.0, 8.0, 7.0, 6.0, 5.0, 4.0]])
+    scores[1, 0] = -np.inf  # an excluded (seen) item of row 1
+    # row 0: items 1 and 4 held out, ranks 1 and 4; row 1: items 1, 2, 5 at ranks 0, 1, 4
+    held_out = [np.array([1, 4]), np.array([1, 2, 5])]
+    np.testing.assert_allclose(recall_at_k(scores, held_out, k=2), [0.5, 2 / 3])
+    np.testing.assert_allclose(recall_at_k(scores, held_out, k=5), [1.0, 1.0])
+    np.testing.assert_allclose(recall_at_k(scores, held_out, k=1), [0.0, 1 / 3])
+    tied = np.zeros((1, 6))  # every item ties: each held-out item sits at rank 2.5 of 6
+    assert recall_at_k(tied, [np.array([0, 1])], k=3)[0] == 1.0
+    assert recall_at_k(tied, [np.array([0, 1])], k=2)[0] == 0.0
+    with pytest.raises(ValueError, match="no held-out item"):
+        recall_at_k(scores, [np.array([1]), np.array([], dtype=np.int64)], k=2)
