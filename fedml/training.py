@@ -6,8 +6,9 @@ it returns. Every privacy mechanism the run applies yields a :class:`PrivacyStat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from fedml.data.schema import EVENT, ITEM, RATING, USER
 from fedml.data.split import positive_mask
 from fedml.federated.aggregation import DPFedAvg, FedAvg
 from fedml.federated.client import LocalTraining
-from fedml.federated.rounds import RoundReport, ShardRunner, run_in_process, train_federated
+from fedml.federated.rounds import Checkpointer, RoundReport, ShardRunner, run_in_process, train_federated
 from fedml.federated.server_optim import server_optimizer
 from fedml.models.mf import ItemTable, init_item_table
 from fedml.privacy.accountant import SubsampledGaussianAccountant, calibrate_noise_multiplier
@@ -160,6 +161,8 @@ def train_model(
     shard_runner: ShardRunner = run_in_process,
     on_round: Callable[[RoundReport], None] | None = None,
     on_epoch: Callable[[int, float, float | None], None] | None = None,
+    checkpoints: Checkpointer | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> TrainingOutcome:
     """Train on ``data`` (one row per shopper) the way ``config.training.mode`` says.
 
@@ -167,6 +170,8 @@ def train_model(
     and stripped from the returned table, so the published model never holds a fake product.
     ``local_statement`` is the guarantee of local DP already applied to ``data``, if any;
     ``shard_runner`` runs the shards of a federated round (in process by default).
+    Federated training saves its state to ``checkpoints`` after every round and continues from
+    ``resume`` (such a state) when given; central training (DP-SGD) neither saves nor resumes.
     """
     init = init_item_table(data.n_items, config.model.dim, config.model.init_scale, config.training.seed)
     if canaries is not None:
@@ -174,7 +179,9 @@ def train_model(
     if config.training.mode == "central":
         table, central, rounds, losses = _train_central(data, init, config, on_epoch)
     else:
-        table, central, rounds, losses = _train_federated(data, init, config, shard_runner, on_round)
+        table, central, rounds, losses = _train_federated(
+            data, init, config, shard_runner, on_round, checkpoints, resume
+        )
     result = None
     if canaries is not None:
         result = _audit(init, table, canaries, central, config)
@@ -201,6 +208,8 @@ def _train_federated(
     config: RunConfig,
     shard_runner: ShardRunner,
     on_round: Callable[[RoundReport], None] | None,
+    checkpoints: Checkpointer | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> tuple[ItemTable, PrivacyStatement | None, list[RoundReport], list[float]]:
     fed, dp, privacy = config.federated, config.privacy.dp_fedavg, config.privacy
     local = LocalTraining(
@@ -246,6 +255,8 @@ def _train_federated(
         server_optimizer=server_optimizer(
             fed.server_optimizer, fed.server_lr, beta1=fed.server_beta1, beta2=fed.server_beta2, tau=fed.server_tau
         ),
+        checkpoints=checkpoints,
+        resume=resume,
     )
     statement = None
     if accountant is not None:

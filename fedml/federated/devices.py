@@ -84,6 +84,22 @@ class DeviceStore:
         slots = np.fromiter((self._slot[c] for c in clients), dtype=np.int64, count=len(clients))
         self._values.index_copy_(0, torch.as_tensor(slots, device=self._values.device), vectors.to(self._values))
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every stored client and its vector (CPU tensors), for checkpoints of a simulation."""
+        clients = torch.empty(len(self._slot), dtype=torch.int64)
+        for client, slot in self._slot.items():
+            clients[slot] = client
+        values = torch.zeros(0, 0) if self._values is None else self._values[: len(self._slot)].cpu().clone()
+        return {"clients": clients, "values": values}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> DeviceStore:
+        """The store a :meth:`state_dict` describes, its vectors on ``device``."""
+        store = cls()
+        if len(state["clients"]):
+            store.put_many(state["clients"].tolist(), state["values"].to(device))
+        return store
+
     def get(self, client: int) -> torch.Tensor | None:
         """One client's vector (a copy), or None."""
         slot = self._slot.get(client)

@@ -11,14 +11,19 @@ tasks on a Dask cluster, see ``flows/``): each shard returns the float64 partial
 clients' scaled deltas and the server finishes the sum (normalisation, DP noise). Local training's
 random draws depend only on (seed, round, client), so sharding does not change the result beyond
 float64 summation order.
+
+A run can be checkpointed after every round and resumed from it (:func:`round_state`,
+``resume=``): the item table, the server optimiser, the devices' vectors (simulation only: real
+devices keep their own), the sampling and noise generators, the accountant and the round reports,
+so a resumed run computes exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -46,6 +51,14 @@ class Aggregator(Protocol):
 class Accountant(Protocol):
     def step(self, n: int = 1) -> None: ...
     def epsilon(self, delta: float) -> float: ...
+    @property
+    def steps(self) -> int: ...
+
+
+class Checkpointer(Protocol):
+    """Where a run's state goes after each round (e.g. :class:`fedml.checkpoint.CheckpointStore`)."""
+
+    def save(self, state: Mapping[str, Any]) -> None: ...
 
 
 @dataclass
@@ -138,6 +151,8 @@ def train_federated(
     shard_runner: ShardRunner = run_in_process,
     on_round: Callable[[RoundReport], None] | None = None,
     server_optimizer: ServerOptimizer | None = None,
+    checkpoints: Checkpointer | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> FederatedRun:
     """Run ``rounds`` rounds of federated training.
 
@@ -148,14 +163,23 @@ def train_federated(
     advances once per round and its epsilon at ``delta`` is reported with the round. ``data`` may
     also be a lazily generated population with ``round_data(clients)`` (see
     :mod:`fedml.data.population`): then only the round's clients are materialised.
+
+    ``checkpoints``, when given, saves the run's state (:func:`round_state`) after every round,
+    before ``on_round`` reports it. ``resume`` is such a state: the run continues after its round
+    (``on_round`` is not called again for the rounds it holds), with the same configuration.
     """
     rng = np.random.default_rng(seed)
     optimizer = server_optimizer if server_optimizer is not None else ServerSGD(server_lr)
     table = init.to(device).clone()
     devices = DeviceStore()
     reports: list[RoundReport] = []
+    noise = _noise_generator(aggregator)
+    first = 1
+    if resume is not None:
+        table, devices, reports = _restore(resume, init, rng, optimizer, noise, accountant, rounds, device)
+        first = int(resume["round"]) + 1
     counts = np.asarray(data.counts())
-    for round_index in range(1, rounds + 1):
+    for round_index in range(first, rounds + 1):
         started = time.perf_counter()
         drawn = poisson_sample(data.n_users, client_rate, rng)
         sampled = drawn[counts[drawn] > 0].tolist()  # clients with something to train on
@@ -189,9 +213,76 @@ def train_federated(
             seconds=time.perf_counter() - started,
         )
         reports.append(report)
+        if checkpoints is not None:  # before the round is reported: a checkpoint never lags the ledger
+            checkpoints.save(round_state(round_index, table, optimizer, devices, rng, noise, accountant, reports))
         if on_round is not None:
             on_round(report)
     return FederatedRun(table=table.to("cpu"), reports=reports)
+
+
+def round_state(
+    round_index: int,
+    table: ItemTable,
+    optimizer: ServerOptimizer,
+    devices: DeviceStore,
+    rng: np.random.Generator,
+    noise: torch.Generator | None,
+    accountant: Accountant | None,
+    reports: Sequence[RoundReport],
+) -> dict[str, Any]:
+    """Everything a run needs to continue after ``round_index`` (tensors on the CPU, plain values)."""
+    return {
+        "round": int(round_index),
+        "table": {"embeddings": table.embeddings.detach().cpu().clone(), "bias": table.bias.detach().cpu().clone()},
+        "optimizer": optimizer.state_dict(),
+        "devices": devices.state_dict(),
+        "sampling_rng": rng.bit_generator.state,
+        "noise_rng": None if noise is None else noise.get_state(),
+        "accountant_steps": None if accountant is None else int(accountant.steps),
+        "reports": [asdict(r) for r in reports],
+    }
+
+
+def _restore(
+    state: Mapping[str, Any],
+    init: ItemTable,
+    rng: np.random.Generator,
+    optimizer: ServerOptimizer,
+    noise: torch.Generator | None,
+    accountant: Accountant | None,
+    rounds: int,
+    device: str,
+) -> tuple[ItemTable, DeviceStore, list[RoundReport]]:
+    """Set the run's generators, optimiser and accountant to ``state``; its table, devices and reports."""
+    done = int(state["round"])
+    saved = ItemTable(state["table"]["embeddings"], state["table"]["bias"])
+    if not 0 < done <= rounds:
+        raise ValueError(f"cannot resume after round {done} of a run of {rounds} rounds")
+    if saved.embeddings.shape != init.embeddings.shape or saved.embeddings.dtype != init.embeddings.dtype:
+        raise ValueError(
+            f"cannot resume: the checkpoint's item table is {tuple(saved.embeddings.shape)} "
+            f"{saved.embeddings.dtype}, this run's is {tuple(init.embeddings.shape)} {init.embeddings.dtype}"
+        )
+    if (accountant is None) != (state["accountant_steps"] is None):
+        raise ValueError("cannot resume: the checkpoint and this run disagree on whether DP is accounted")
+    if (noise is None) != (state["noise_rng"] is None):
+        raise ValueError("cannot resume: the checkpoint and this run disagree on a seeded noise generator")
+    rng.bit_generator.state = state["sampling_rng"]
+    if noise is not None:
+        noise.set_state(state["noise_rng"])
+    if accountant is not None:
+        accountant.step(int(state["accountant_steps"]) - accountant.steps)
+    optimizer.load_state_dict(state["optimizer"], device)
+    devices = DeviceStore.from_state_dict(state["devices"], device)
+    reports = [RoundReport(**r) for r in state["reports"]]
+    return saved.to(device).clone(), devices, reports
+
+
+def _noise_generator(aggregator: Aggregator) -> torch.Generator | None:
+    """The aggregator's seeded noise generator, whose state a checkpoint must carry (None: no noise,
+    or unseeded noise from the OS, which a resumed run simply keeps drawing)."""
+    generator = getattr(aggregator, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None
 
 
 def _shard_bounds(n_clients: int, shards: int) -> list[int]:

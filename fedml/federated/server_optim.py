@@ -16,7 +16,7 @@ post-processing of the noised sum and the privacy guarantee is unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -29,6 +29,12 @@ class ServerOptimizer(Protocol):
     def step(self, table: ItemTable, delta_embeddings: torch.Tensor, delta_bias: torch.Tensor) -> None:
         """Move ``table`` in place by one round's aggregate delta."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimiser's state (CPU tensors), for checkpoints."""
+
+    def load_state_dict(self, state: dict[str, Any], device: str | torch.device = "cpu") -> None:
+        """Continue from a :meth:`state_dict`."""
+
 
 @dataclass
 class ServerSGD:
@@ -37,6 +43,12 @@ class ServerSGD:
     def step(self, table: ItemTable, delta_embeddings: torch.Tensor, delta_bias: torch.Tensor) -> None:
         table.embeddings += self.lr * delta_embeddings.to(table.embeddings.dtype)
         table.bias += self.lr * delta_bias.to(table.bias.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], device: str | torch.device = "cpu") -> None:
+        pass
 
 
 @dataclass
@@ -52,6 +64,12 @@ class ServerMomentum:
         for momentum, delta, param in zip(self._state, deltas, (table.embeddings, table.bias)):
             momentum.mul_(self.beta1).add_(delta.to(torch.float64))
             param += self.lr * momentum.to(param.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"momentum": [m.cpu().clone() for m in self._state]}
+
+    def load_state_dict(self, state: dict[str, Any], device: str | torch.device = "cpu") -> None:
+        self._state = [m.to(device) for m in state["momentum"]]
 
 
 @dataclass
@@ -72,6 +90,12 @@ class ServerAdam:
             m.mul_(self.beta1).add_(delta, alpha=1.0 - self.beta1)
             v.mul_(self.beta2).addcmul_(delta, delta, value=1.0 - self.beta2)
             param += (self.lr * m / (v.sqrt() + self.tau)).to(param.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"moments": [(m.cpu().clone(), v.cpu().clone()) for m, v in self._state]}
+
+    def load_state_dict(self, state: dict[str, Any], device: str | torch.device = "cpu") -> None:
+        self._state = [(m.to(device), v.to(device)) for m, v in state["moments"]]
 
 
 def server_optimizer(
