@@ -1,0 +1,155 @@
+"""What travels between our ServerApp and ClientApp, and the shopper data a SuperNode holds.
+
+Messages (all records are Flower ``RecordDict`` entries):
+
+* ``query`` (server -> node, empty) -> ``inventory``: the node's shoppers (global indices), their
+  example counts and the data set's sizes. Counts are public in our DP model, as in
+  :meth:`fedml.federated.aggregation.DPFedAvg.for_population`.
+* ``train`` (server -> node): the global item table, the local hyper-parameters, seed, round and the
+  round's sampled shoppers that live on this node -> ``updates``: each shopper's touched rows and their
+  deltas (concatenated, with offsets), example counts and local losses. User vectors never leave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedml.data.interactions import UserItems
+from fedml.federated.client import ClientUpdate, LocalTraining
+from fedml.models.mf import ItemTable
+
+TABLE = "table"
+CONFIG = "config"
+UPDATES = "updates"
+INVENTORY = "inventory"
+METRICS = "metrics"
+
+
+# ---------------------------------------------------------------------------------------------
+# Node data
+
+
+def save_user_items(path: str | Path, data: UserItems) -> Path:
+    """Write shoppers' positives as a node's data file (``.npz``: indptr, items, n_users, n_items)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        np.savez(handle, indptr=data.indptr, items=data.items, n_users=data.n_users, n_items=data.n_items)
+    return path
+
+
+def load_user_items(path: str | Path) -> UserItems:
+    """Read a node's data file written by :func:`save_user_items`."""
+    try:
+        with np.load(path) as z:
+            return UserItems(indptr=z["indptr"], items=z["items"], n_users=int(z["n_users"]), n_items=int(z["n_items"]))
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"node data file {path}: not a shopper data file ({error})") from error
+
+
+def partition(n_users: int, partition_id: int, num_partitions: int) -> np.ndarray:
+    """The shoppers (global indices) of one partition: contiguous blocks of sizes differing by at most one."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
+    return np.array_split(np.arange(n_users, dtype=np.int64), num_partitions)[partition_id]
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in values.items()})
+
+
+def inventory_content(clients: np.ndarray, counts: np.ndarray, n_users: int, n_items: int) -> RecordDict:
+    return RecordDict(
+        {
+            INVENTORY: _arrays({"clients": clients.astype(np.int64), "counts": counts.astype(np.int64)}),
+            METRICS: MetricRecord({"n-users": int(n_users), "n-items": int(n_items)}),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Inventory:
+    clients: np.ndarray  # int64: global shopper indices
+    counts: np.ndarray  # int64: their example counts
+    n_users: int
+    n_items: int
+
+
+def read_inventory(content: RecordDict) -> Inventory:
+    record, metrics = content[INVENTORY], content[METRICS]
+    return Inventory(
+        record["clients"].numpy(), record["counts"].numpy(), int(metrics["n-users"]), int(metrics["n-items"])
+    )
+
+
+def train_content(
+    table: ItemTable, local: LocalTraining, seed: int, round_index: int, clients: list[int]
+) -> RecordDict:
+    return RecordDict(
+        {
+            TABLE: _arrays(table.to_numpy()),
+            CONFIG: ConfigRecord({**asdict(local), "seed": int(seed), "round": int(round_index), "clients": clients}),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    table: ItemTable
+    local: LocalTraining
+    seed: int
+    round: int
+    clients: list[int]
+
+
+def read_train_request(content: RecordDict) -> TrainRequest:
+    config = content[CONFIG]
+    local = LocalTraining(**{name: config[name] for name in LocalTraining.__dataclass_fields__})
+    table = ItemTable.from_numpy({name: array.numpy() for name, array in content[TABLE].items()})
+    return TrainRequest(table, local, int(config["seed"]), int(config["round"]), [int(c) for c in config["clients"]])
+
+
+def updates_content(clients: list[int], updates: list[ClientUpdate], dim: int) -> RecordDict:
+    """Each shopper's upload: rows, deltas (concatenated in ``clients`` order), n_k and local loss."""
+    sizes = [len(u.rows) for u in updates]
+    values = {
+        "clients": np.asarray(clients, dtype=np.int64),
+        "offsets": np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64),
+        "rows": _cat([u.rows.cpu().numpy() for u in updates], np.int64, (0,)),
+        "delta_embeddings": _cat([u.delta_embeddings.cpu().numpy() for u in updates], np.float32, (0, dim)),
+        "delta_bias": _cat([u.delta_bias.cpu().numpy() for u in updates], np.float32, (0,)),
+        "num_examples": np.array([u.num_examples for u in updates], dtype=np.int64),
+        "losses": np.array([u.loss for u in updates], dtype=np.float64),
+    }
+    return RecordDict({UPDATES: _arrays(values)})
+
+
+def read_updates(content: RecordDict) -> list[tuple[int, ClientUpdate]]:
+    """The (shopper, upload) pairs of a node's reply."""
+    record = {name: array.numpy() for name, array in content[UPDATES].items()}
+    offsets = record["offsets"]
+    result = []
+    for i, client in enumerate(record["clients"].tolist()):
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        update = ClientUpdate(
+            rows=torch.from_numpy(record["rows"][lo:hi].copy()),
+            delta_embeddings=torch.from_numpy(record["delta_embeddings"][lo:hi].copy()),
+            delta_bias=torch.from_numpy(record["delta_bias"][lo:hi].copy()),
+            num_examples=int(record["num_examples"][i]),
+            loss=float(record["losses"][i]),
+        )
+        result.append((int(client), update))
+    return result
+
+
+def _cat(parts: list[np.ndarray], dtype: type, empty_shape: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(empty_shape, dtype=dtype)
