@@ -69,6 +69,33 @@ class MlflowLedger:
         })  # fmt: skip
         return LedgerEntry(entry_id, cohort, unit, charge, "open", run_id, started)  # type: ignore[arg-type]
 
+    def entry(self, entry_id: str) -> LedgerEntry:
+        """One entry of this ledger; :class:`LedgerError` when there is no such entry."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(entry_id)
+        except MlflowException as exc:
+            raise LedgerError(f"no ledger entry {entry_id!r} in experiment {self.experiment!r}") from exc
+        if run.info.experiment_id != self._experiment_id(create=False):
+            raise LedgerError(f"run {entry_id} is not an entry of the ledger experiment {self.experiment!r}")
+        return _entry(run)
+
+    def resume(self, entry_id: str, run_id: str, after: int) -> LedgerEntry:
+        """Continue a killed run's open entry in the run that resumes it (same training run), so the
+        rounds spent before the kill and after the resumption are charged once, on one entry."""
+        entry = self.entry(entry_id)
+        if entry.status != "open":
+            raise LedgerError(f"ledger entry {entry_id} is {entry.status}, not open: its run ended, it cannot go on")
+        if entry.run_id != run_id:
+            raise LedgerError(f"ledger entry {entry_id} belongs to training run {entry.run_id}, not {run_id}")
+        resumed = int(self.client.get_run(entry_id).data.tags.get("ledger.resumed", "0")) + 1
+        set_run_tags(self.client, entry_id, {
+            "ledger.resumed": str(resumed),
+            f"ledger.resumed.{resumed}": f"{datetime.now(UTC).isoformat(timespec='seconds')} after step {after}",
+        })  # fmt: skip
+        return entry
+
     def progress(self, entry_id: str, steps_done: int) -> None:
         """Record that ``steps_done`` rounds/steps have completed (and released their noise)."""
         log_metrics(self.client, entry_id, {"ledger/steps_done": steps_done}, step=steps_done)
@@ -136,11 +163,13 @@ class Spending:
 
     Leaving the ``with`` block normally closes the entry as ``finished`` (charged what was done);
     an exception closes it as ``failed``, charged the completed steps plus the one in flight. A
-    process killed outright leaves the entry open, and open entries are charged in full.
+    process killed outright leaves the entry open, and open entries are charged in full, until
+    the run is resumed (``flows.pipeline --resume``) on the same entry: it starts from the steps
+    the entry reports done.
     """
 
     def __init__(self, ledger: MlflowLedger, entry: LedgerEntry) -> None:
-        self.ledger, self.entry, self.done = ledger, entry, 0
+        self.ledger, self.entry, self.done = ledger, entry, entry.steps_done
 
     def step(self, steps_done: int) -> None:
         self.done = int(steps_done)

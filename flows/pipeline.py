@@ -24,6 +24,7 @@ from fedml.data.interactions import UserItems
 from fedml.data.sources import SourceData, load_source
 from fedml.data.split import Split, leave_last_out
 from fedml.evaluation.ranking import RankingMetrics, evaluate_ranking, popularity_scorer
+from fedml.federated.rounds import RoundReport
 from fedml.files import atomic_write_text
 from fedml.gate import GateDecision, Policy, load_policy
 from fedml.privacy.ledger import BudgetExceeded, check_budget, lifetime
@@ -41,6 +42,7 @@ from flows import tracking
 from flows.ledger import MlflowLedger, Spending
 from flows.ops import DEFAULT_CONFIG
 from flows.promotion import current_actor, promote
+from flows.resume import ResumePoint, checkpoint_store, find_resume_point, writer_meta
 from flows.sharding import shard_runner
 
 
@@ -163,6 +165,18 @@ def reserve_budget(
     return entry
 
 
+@task(name="continue-privacy-budget", cache_policy=NO_CACHE)
+def continue_budget(ledger: MlflowLedger, resume: ResumePoint, run_id: str) -> Any:
+    """A resumed run goes on with the killed run's open entry (reserved and checked when it began):
+    one entry, charged the planned rounds once, never the killed rounds on top of them."""
+    entry = ledger.resume(resume.entry.entry_id, run_id, after=resume.round)
+    get_run_logger().info(
+        "privacy budget: continuing ledger entry %s (%d of %d rounds reported before the kill)",
+        entry.entry_id, entry.steps_done, entry.planned.steps,
+    )  # fmt: skip
+    return entry
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train(
     data: UserItems,
@@ -172,6 +186,8 @@ def train(
     client: Any,
     run_id: str,
     spending: Spending,
+    checkpoints: Any = None,
+    resume: ResumePoint | None = None,
 ) -> TrainingOutcome:
     logger = get_run_logger()
     rounds = config.federated.rounds
@@ -213,10 +229,16 @@ def train(
         eps = "" if epsilon is None else f", epsilon {epsilon:.3f} (record-level)"
         logger.info("epoch %d/%d%s%s", epoch, config.privacy.dp_sgd.epochs, detail, eps)
 
+    if resume is not None:
+        logger.info("resuming after round %d of %d", resume.round, rounds)
+        for saved in resume.state["reports"]:  # checkpointed, but the kill came before they were reported
+            if saved["round"] > spending.done:
+                on_round(RoundReport(**saved))
     with shard_runner(config) as runner:
         outcome = train_model(
             data, config, canaries=canaries, local_statement=local_statement, shard_runner=runner,
-            on_round=on_round, on_epoch=on_epoch,
+            on_round=on_round, on_epoch=on_epoch, checkpoints=checkpoints,
+            resume=None if resume is None else resume.state,
         )  # fmt: skip
     headline = outcome.headline
     logger.info("trained: %s", headline.describe() if headline else "no differential privacy")
@@ -273,9 +295,16 @@ def gate(
 
 @flow(name="shopping-guide-training", log_prints=True)
 def training_pipeline(
-    config_file: str | None = None, overrides: list[str] | None = None, policy_file: str | None = None
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+    policy_file: str | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train, evaluate, register and (maybe) promote the shopping guide; returns the run summary."""
+    """Train, evaluate, register and (maybe) promote the shopping guide; returns the run summary.
+
+    ``resume``: continue the run of this configuration and data that was killed mid-training, when
+    there is one (:mod:`flows.resume`), else start afresh.
+    """
     config = load_config(config_file, overrides)
     policy_path = policy_file or config.tracking.policy_file
     load_policy(policy_path)  # fail before any work when the policy is broken
@@ -285,12 +314,22 @@ def training_pipeline(
     atomic_write_text(run_dir / "config.json", config.to_json())
 
     client = tracking.connect()
-    run_id = tracking.start_run(
-        client, config.tracking.experiment, f"train-{started:%Y%m%d-%H%M%S}",
-        {"code.version": tracking.code_version(), "pipeline": "shopping-guide-training"},
-    )  # fmt: skip
+    source, point = None, None
+    if resume:
+        source = load_data(config)
+        point, why = find_resume_point(config, checkpoint_store(config, source.fingerprint),
+                                       MlflowLedger(client, config.tracking.ledger_experiment), client)  # fmt: skip
+        get_run_logger().info("--resume: %s", why if point else f"{why}; starting afresh")
+    if point is not None:
+        run_id = point.run_id
+        client.set_tag(run_id, f"resumed.{started:%Y%m%dT%H%M%S}", f"after round {point.round}")
+    else:
+        run_id = tracking.start_run(
+            client, config.tracking.experiment, f"train-{started:%Y%m%d-%H%M%S}",
+            {"code.version": tracking.code_version(), "pipeline": "shopping-guide-training"},
+        )  # fmt: skip
     try:
-        summary = _run_steps(config, policy_path, client, run_id, run_dir)
+        summary = _run_steps(config, policy_path, client, run_id, run_dir, source, point)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -300,11 +339,19 @@ def training_pipeline(
     return asdict(summary)
 
 
-def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, run_dir: Path) -> PipelineSummary:
+def _run_steps(
+    config: RunConfig,
+    policy_path: str,
+    client: Any,
+    run_id: str,
+    run_dir: Path,
+    source: SourceData | None = None,
+    resume: ResumePoint | None = None,
+) -> PipelineSummary:
     tracking.log_params(client, run_id, config.to_flat_dict())
     client.log_artifact(run_id, str(run_dir / "config.json"))
 
-    source = load_data(config)
+    source = source if source is not None else load_data(config)
     validation = validate_data(source, config, run_dir)
     client.log_artifact(run_id, str(run_dir / "validation.json"), "validation")
     client.log_artifact(run_id, str(run_dir / "quarantine.csv"), "validation")
@@ -325,11 +372,25 @@ def _run_steps(config: RunConfig, policy_path: str, client: Any, run_id: str, ru
     ledger = MlflowLedger(client, config.tracking.ledger_experiment)
     client.set_tag(run_id, "privacy.cohort", cohort)
     training_data, canaries = plant_audit_canaries(training_data, config)
-    entry = reserve_budget(
-        ledger, cohort, planned_spend(training_data, config, local_statement), run_id, policy, config
-    )
-    with Spending(ledger, entry) as spending:
-        outcome = train(training_data, config, local_statement, canaries, client, run_id, spending)
+    checkpoints = checkpoint_store(config, source.fingerprint)
+    if resume is not None:
+        entry = continue_budget(ledger, resume, run_id)
+    else:
+        if checkpoints.exists():
+            get_run_logger().warning(
+                "%s holds a checkpoint of a killed run of this configuration and data; this run starts afresh and "
+                "replaces it (python -m flows.pipeline --resume would continue it)", checkpoints.path,
+            )  # fmt: skip
+        entry = reserve_budget(
+            ledger, cohort, planned_spend(training_data, config, local_statement), run_id, policy, config
+        )
+    checkpoints.meta = writer_meta(run_id, entry.entry_id)
+    try:
+        with Spending(ledger, entry) as spending:
+            outcome = train(training_data, config, local_statement, canaries, client, run_id, spending,
+                            checkpoints if config.training.mode == "federated" else None, resume)  # fmt: skip
+    finally:  # the entry is closed now (or the run failed): nothing left to resume
+        checkpoints.clear()
     spent = lifetime(ledger.entries(), cohort, config.privacy.delta, config.privacy.accountant)
     recommender = Recommender(
         table=outcome.table, ids=ids, negatives=config.federated.negatives,
@@ -444,11 +505,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one configuration value (repeatable)")  # fmt: skip
     parser.add_argument("--policy", default=None, help="promotion policy (TOML); default from the configuration")
     parser.add_argument("--device", help="train on this torch device (cpu, cuda); same as --set training.device=...")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue this configuration's run killed mid-training, if any (see flows/resume.py)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.device:
         args.overrides.append(f"training.device={args.device}")
     started = time.perf_counter()
-    state = training_pipeline(args.config, args.overrides, args.policy, return_state=True)
+    state = training_pipeline(args.config, args.overrides, args.policy, args.resume, return_state=True)
     if state.is_failed():
         print(f"pipeline failed: {state.message}", file=sys.stderr)
         return 1
