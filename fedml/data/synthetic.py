@@ -14,6 +14,9 @@ The generative model, all of it vectorised numpy:
   shop's popularity, and views 1–5 items of it drawn by popularity (seconds to minutes apart).
 * **Funnel.** Each view leads to a cart with :data:`P_CART`, each cart to a purchase with
   :data:`P_PURCHASE` (purchases ≈ 12.5% of views), a little later.
+* **Realism.** The defaults above are the original hand-picked ones (tests and benchmarks rely on
+  them); :func:`fedml.data.realism.realistic_shop` passes a session dispersion and funnel fitted to
+  MovieLens 100K and Tmall (``fedml/data/realism_targets.json``, ``docs/quality.md``).
 * **Top-up.** A shopper with fewer than :data:`MIN_DISTINCT_ITEMS` distinct items gets extra
   exploration sessions until they have enough, so every shopper can be split leave-last-out.
 
@@ -89,12 +92,20 @@ def generate_shop(
     mean_sessions: float = 6.0,
     seed: int = 7,
     start: str | pd.Timestamp = "2026-01-01",
+    session_dispersion: float = SESSION_DISPERSION,
+    p_cart: float = P_CART,
+    p_purchase: float = P_PURCHASE,
 ) -> Shop:
-    """Generate a reproducible shop; see the module docstring for the model."""
+    """Generate a reproducible shop; see the module docstring for the model.
+
+    ``session_dispersion``, ``p_cart`` and ``p_purchase`` default to the module's constants;
+    :func:`fedml.data.realism.realistic_shop` passes the values fitted to the real data sets.
+    """
     _check_sizes(n_shoppers, n_items, n_categories, mean_sessions)
+    _check_shape(session_dispersion, p_cart, p_purchase)
     rng = np.random.default_rng(seed)
     catalogue = _make_catalogue(rng, n_items, n_categories)
-    events, stage = _shopper_events(rng, catalogue, n_shoppers, mean_sessions)
+    events, stage = _shopper_events(rng, catalogue, n_shoppers, mean_sessions, session_dispersion, p_cart, p_purchase)
     interactions = _interactions_frame(events, stage, n_shoppers, n_items, _unix(start))
     return Shop(interactions=interactions, catalogue=_catalogue_frame(rng, catalogue))
 
@@ -125,6 +136,14 @@ def _check_sizes(n_shoppers: int, n_items: int, n_categories: int, mean_sessions
         )
     if mean_sessions < 1:
         raise ValueError(f"mean_sessions must be >= 1, got {mean_sessions}")
+
+
+def _check_shape(session_dispersion: float, p_cart: float, p_purchase: float) -> None:
+    if not session_dispersion > 0:
+        raise ValueError(f"session_dispersion must be > 0, got {session_dispersion}")
+    for name, p in (("p_cart", p_cart), ("p_purchase", p_purchase)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
 
 
 def _make_catalogue(rng: np.random.Generator, n_items: int, n_categories: int) -> _Catalogue:
@@ -196,11 +215,13 @@ def _concat(parts: list[_Events]) -> _Events:
     return _Events(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("shopper", "item", "time")))
 
 
-def _funnel(rng: np.random.Generator, views: _Events) -> tuple[_Events, np.ndarray]:
+def _funnel(
+    rng: np.random.Generator, views: _Events, p_cart: float = P_CART, p_purchase: float = P_PURCHASE
+) -> tuple[_Events, np.ndarray]:
     """Add carts and purchases after the views; returns the events and their funnel stage."""
-    carted = rng.random(len(views.item)) < P_CART
+    carted = rng.random(len(views.item)) < p_cart
     cart_time = views.time[carted] + 1 + rng.exponential(CART_GAP_S, int(carted.sum())).astype(np.int64)
-    bought = rng.random(len(cart_time)) < P_PURCHASE
+    bought = rng.random(len(cart_time)) < p_purchase
     buy_time = cart_time[bought] + 1 + rng.exponential(PURCHASE_GAP_S, int(bought.sum())).astype(np.int64)
     cart_idx = np.flatnonzero(carted)
     buy_idx = cart_idx[bought]
@@ -214,7 +235,13 @@ def _funnel(rng: np.random.Generator, views: _Events) -> tuple[_Events, np.ndarr
 
 
 def _shopper_events(
-    rng: np.random.Generator, cat: _Catalogue, n_shoppers: int, mean_sessions: float
+    rng: np.random.Generator,
+    cat: _Catalogue,
+    n_shoppers: int,
+    mean_sessions: float,
+    session_dispersion: float = SESSION_DISPERSION,
+    p_cart: float = P_CART,
+    p_purchase: float = P_PURCHASE,
 ) -> tuple[_Events, np.ndarray]:
     """The shopper model for shoppers ``0..n_shoppers-1``: tastes, sessions, top-up and funnel.
 
@@ -225,12 +252,12 @@ def _shopper_events(
     n_items = len(cat.category)
     tastes = _make_tastes(rng, n_shoppers, cat.category_p)
     n_sessions = 1 + rng.negative_binomial(
-        SESSION_DISPERSION, SESSION_DISPERSION / (SESSION_DISPERSION + mean_sessions - 1), n_shoppers
+        session_dispersion, session_dispersion / (session_dispersion + mean_sessions - 1), n_shoppers
     )
     shoppers = np.repeat(np.arange(n_shoppers, dtype=np.int64), n_sessions)
     views = [_session_views(rng, cat, tastes, shoppers, EXPLORE_PROB)]
     views += _top_up(rng, cat, tastes, views[0], n_shoppers, n_items)
-    events, stage = _funnel(rng, _concat(views))
+    events, stage = _funnel(rng, _concat(views), p_cart, p_purchase)
     # order by shopper, then time, funnel stage and item (one int64 key: times span only ~90 days)
     within = (events.time * len(FUNNEL) + stage) * n_items + events.item
     order = np.lexsort((within, events.shopper))
