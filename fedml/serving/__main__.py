@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
     parser.add_argument("--compute-threads", type=int, default=defaults.compute_threads,
                         help="batches computed at once per worker (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                        help="how long a free compute thread waits for a fuller batch, 0: never (default: %(default)s)")  # fmt: skip
     parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per worker (default: 1)")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
@@ -51,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if min(args.workers, args.max_batch, args.compute_threads, args.torch_threads) < 1 or args.poll_seconds <= 0:
         parser.error("--workers, --max-batch, --compute-threads and --torch-threads must be >= 1, --poll-seconds > 0")
+    if args.batch_wait_ms < 0:
+        parser.error(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     return args
 
 
@@ -76,6 +80,7 @@ def create_app_from_environment() -> Any:
         poll_seconds=config["poll_seconds"],
         max_batch=config["max_batch"],
         compute_threads=config["compute_threads"],
+        batch_wait_ms=config["batch_wait_ms"],
     )
     return create_app(source, settings)
 
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[CONFIG_ENV] = json.dumps({
         "model": args.model, "alias": args.alias, "model_dir": args.model_dir, "poll_seconds": args.poll_seconds,
         "max_batch": args.max_batch, "compute_threads": args.compute_threads, "torch_threads": args.torch_threads,
+        "batch_wait_ms": args.batch_wait_ms,
     })  # fmt: skip
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")

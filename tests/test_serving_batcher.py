@@ -1,0 +1,96 @@
+"""The serving API's micro-batcher: clients that come back join one batch; a quiet service never waits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fedml.serving.api import MicroBatcher
+
+COMPUTE_SECONDS = 0.02
+
+
+def _slow_echo(batches: list[int]):
+    def compute(requests: list[int]) -> list[int]:
+        batches.append(len(requests))
+        time.sleep(COMPUTE_SECONDS)  # a batch costs about the same whatever its size, as the fold-in does
+        return [2 * r for r in requests]
+
+    return compute
+
+
+def _closed_loop(max_wait: float, clients: int = 6, rounds: int = 8) -> list[int]:
+    """``clients`` that each ask, wait for the answer and ask again; the sizes of the batches computed."""
+    batches: list[int] = []
+
+    async def run() -> None:
+        batcher = MicroBatcher(_slow_echo(batches), max_batch=32, max_wait=max_wait)
+
+        async def client(c: int) -> None:
+            for r in range(rounds):
+                assert await batcher.submit(100 * c + r) == 2 * (100 * c + r)
+
+        try:
+            await asyncio.gather(*(client(c) for c in range(clients)))
+        finally:
+            batcher.close()
+
+    asyncio.run(run())
+    assert sum(batches) == clients * rounds
+    return batches
+
+
+def test_without_a_wait_returning_clients_split_into_lopsided_batches():
+    batches = _closed_loop(max_wait=0.0)
+    # the first request starts a batch alone, the rest form the next, and the two groups keep alternating
+    assert batches[:4] == [1, 5, 1, 5]
+
+
+def test_with_a_wait_returning_clients_are_answered_in_one_batch():
+    batches = _closed_loop(max_wait=0.01)
+    assert batches[0] == 1  # nobody was expected yet; the others queue behind it
+    assert set(batches[1:-1]) == {6}  # from then on everyone at once: the first one is waited for
+    assert batches[-1] == 5  # the first one finished a round early
+
+
+def test_a_quiet_service_does_not_wait_and_a_wait_that_times_out_is_not_repeated():
+    batches: list[int] = []
+    max_wait = 0.3
+
+    async def timed(batcher: MicroBatcher, request: int) -> float:
+        start = time.perf_counter()
+        assert await batcher.submit(request) == 2 * request
+        return time.perf_counter() - start
+
+    async def run() -> tuple[float, float, float]:
+        batcher = MicroBatcher(_slow_echo(batches), max_batch=32, max_wait=max_wait)
+        try:
+            alone = await timed(batcher, 1)  # first request: no batch to expect anyone from
+            await asyncio.gather(*(batcher.submit(r) for r in range(4)))  # a batch of 1, then one of 3
+            left_behind = await timed(batcher, 5)  # three were answered together: it waits for them in vain
+            next_one = await timed(batcher, 6)  # after a wait that timed out, no wait
+            return alone, left_behind, next_one
+        finally:
+            batcher.close()
+
+    alone, left_behind, next_one = asyncio.run(run())
+    assert alone < max_wait / 2 and next_one < max_wait / 2
+    assert left_behind >= max_wait
+    assert batches == [1, 1, 3, 1, 1]
+
+
+def test_a_full_queue_starts_a_batch_without_waiting():
+    batches: list[int] = []
+
+    async def run() -> None:
+        batcher = MicroBatcher(_slow_echo(batches), max_batch=4, max_wait=10.0)
+        try:
+            start = time.perf_counter()
+            answers = await asyncio.gather(*(batcher.submit(r) for r in range(9)))
+            assert answers == [2 * r for r in range(9)]
+            assert time.perf_counter() - start < 1.0  # never the 10 s wait: each batch found max_batch waiting
+        finally:
+            batcher.close()
+
+    asyncio.run(run())
+    assert batches == [1, 4, 4]
