@@ -49,11 +49,12 @@ serve: $(STAMP)
 bench-serve: $(STAMP)
 	$(PY) -m bench.serve $(BENCH_ARGS)
 
-# Quality benchmark, non-private part (bench/quality.py): federated vs central MF vs EASE vs popularity on MovieLens
-# 100K and Tmall (../shared/data, configs/movielens.toml and configs/tmall.toml); writes bench/results/quality.json.
+# Quality benchmark (bench/quality.py): the privacy-utility sweep (DP-FedAvg, DP-SGD, local DP at epsilon 1-16) with
+# federated, central, EASE and popularity references on MovieLens 100K, Tmall (../shared/data) and a synthetic shop of
+# 100,000 shoppers; writes bench/results/quality.json and quality.png. QUICK=1: the CI check (quality-quick.*).
 .PHONY: bench-quality
 bench-quality: $(STAMP)
-	$(PY) -m bench.quality $(BENCH_ARGS)
+	$(PY) -m bench.quality $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 clean:
 	rm -rf .fedml .pytest_cache

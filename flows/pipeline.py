@@ -427,6 +427,7 @@ def _run_steps(
     tracking.log_json(client, run_id, "privacy.json", report_)
     tracking.log_text(client, run_id, "privacy.md", render_markdown(report_))
     _log_plots(client, run_id, run_dir, outcome, config, spent.epsilon, policy.max_lifetime_epsilon)
+    _log_quality_plot(client, run_id, run_dir, headline, metrics, source.name)
     tracking.log_json(client, run_id, "evaluation.json", {k: asdict(v) for k, v in metrics.items()})
 
     hr = metrics["model"].hit_rate
@@ -485,6 +486,16 @@ def _log_plots(
     for path in drawn:
         if path is not None:
             client.log_artifact(run_id, str(path), "plots")
+
+
+def _log_quality_plot(
+    client: Any, run_id: str, run_dir: Path, headline: Any, metrics: dict[str, RankingMetrics], source: str
+) -> None:
+    """HR@K at this run's ε beside popularity (the quality benchmark's plot, for one run) as ``plots/quality.png``."""
+    from flows.plots import privacy_utility_plot, run_quality_panel
+
+    path = privacy_utility_plot([run_quality_panel(source, headline, metrics)], run_dir / "plots" / "quality.png")
+    client.log_artifact(run_id, str(path), "plots")
 
 
 def _audit_report(outcome: TrainingOutcome) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-"""Pictures of a run for the MLflow UI: the training curves and the privacy spent per round.
+"""Pictures of a run for the MLflow UI: the training curves, the privacy spent per round, and quality
+against epsilon (the privacy–utility plot the pipeline logs for its run and ``bench.quality`` draws for its sweep).
 
 Drawn with matplotlib's Agg backend (no display), written as PNG files the flow logs under
 ``plots/``. Only what the run may publish is drawn: under a central DP mechanism the training loss
@@ -8,9 +9,12 @@ is not published (it is computed from raw data), so the training picture then sh
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedml.evaluation.ranking import RankingMetrics
 from fedml.federated.rounds import RoundReport
+from fedml.privacy.statement import PrivacyStatement
 
 
 def _pyplot():
@@ -84,3 +88,67 @@ def privacy_plot(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+@dataclass
+class UtilityPanel:
+    """One data set: quality against ε per mechanism, and references (no ε) as horizontal lines.
+
+    ``curves`` maps a label that names the unit, δ and accountant to (ε, quality) points.
+    """
+
+    title: str
+    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    references: dict[str, float] = field(default_factory=dict)
+    metric: str = "HR@10, full ranking"
+
+
+def privacy_utility_plot(panels: list[UtilityPanel], path: Path) -> Path:
+    """Quality against ε (log scale), a panel per data set: mechanisms as lines, references as horizontal lines."""
+    if not panels:
+        raise ValueError("privacy_utility_plot needs at least one panel")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4), squeeze=False)
+    styles = (":", "--", "-.", (0, (1, 3)), (0, (5, 2, 1, 2)))
+    for ax, panel in zip(axes[0], panels):
+        epsilons = [e for points in panel.curves.values() for e, _ in points if math.isfinite(e) and e > 0]
+        for label, points in panel.curves.items():
+            shown = sorted((e, q) for e, q in points if math.isfinite(e) and e > 0)
+            ax.plot([e for e, _ in shown], [q for _, q in shown], marker="o", markersize=4, label=label)
+        for i, (label, value) in enumerate(panel.references.items()):
+            ax.axhline(value, color=f"C{len(panel.curves) + i}", linestyle=styles[i % len(styles)], label=label)
+        if epsilons:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(set(epsilons)), [f"{e:g}" for e in sorted(set(epsilons))])
+        ax.set_xlabel("ε (unit, δ and accountant in the legend)")
+        ax.set_ylabel(panel.metric)
+        ax.set_ylim(bottom=0)
+        ax.set_title(panel.title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_quality_panel(
+    title: str, statement: PrivacyStatement | None, metrics: dict[str, RankingMetrics]
+) -> UtilityPanel:
+    """The pipeline's own point for :func:`privacy_utility_plot`: the model's HR@K at the run's ε, popularity beside it.
+
+    ``metrics`` holds ``"model"`` and ``"popularity"`` (as ``flows.pipeline.evaluate`` returns them). A run without
+    differential privacy has no ε to plot at: its model is drawn as a reference line instead.
+    """
+    model, popularity = metrics["model"], metrics["popularity"]
+    panel = UtilityPanel(title=title, metric=f"HR@{model.k}, full ranking ({model.users} shoppers)")
+    if statement is not None and math.isfinite(statement.epsilon):
+        delta = f"δ={statement.delta:g}" if statement.delta else "δ=0"
+        label = (
+            f"this run: {statement.mechanism.split(' (')[0]} ({statement.unit}-level, {delta}, {statement.accountant})"
+        )
+        panel.curves[label] = [(statement.epsilon, model.hit_rate)]
+    else:
+        panel.references["this run (no DP)"] = model.hit_rate
+    panel.references["popularity (no DP)"] = popularity.hit_rate
+    return panel

@@ -59,7 +59,13 @@ def test_second_run_over_the_epsilon_ceiling_is_registered_but_not_promoted(pipe
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
         "plots/training.png",
         "plots/privacy.png",
+        "plots/quality.png",
     }
+    evaluation = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "evaluation.json", str(pipeline_env))).read_text()
+    )
+    assert evaluation["model"]["recall"] == evaluation["model"]["hit_rate"]
+    assert evaluation["model"]["protocol_details"]["split"] == "leave-last-out by time"
     report = json.loads(Path(client.download_artifacts(run.info.run_id, "privacy.json", str(pipeline_env))).read_text())
     assert report["epsilon_by_accountant"]["prv"] < report["epsilon_by_accountant"]["rdp"]
     assert report["epsilon_by_accountant"]["rdp"] == pytest.approx(history[-1].value)
