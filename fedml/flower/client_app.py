@@ -1,7 +1,7 @@
 """The ClientApp a SuperNode runs: our client update on the shoppers this node holds.
 
 Node config (``flower-supernode --node-config``): ``data-file`` (a shopper data file, see
-:func:`fedml.flower.protocol.save_user_items`), and optionally ``partition-id`` / ``num-partitions``
+:func:`fedml.flower.node_data.save_user_items`), and optionally ``partition-id`` / ``num-partitions``
 (the node holds that contiguous block of the file's shoppers; default: all of them).
 
 User vectors are private: they live in the node's ``Context.state`` (kept by the SuperNode across
@@ -11,22 +11,17 @@ fold-in of its history, as in :func:`fedml.federated.client.client_update`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedml.data.interactions import UserItems
-from fedml.federated.client import client_update
-from fedml.federated.randomness import draw_round
-from fedml.flower.protocol import (
-    inventory_content,
-    load_user_items,
-    partition,
-    read_train_request,
-    updates_content,
-)
-from fedml.threads import single_thread
+from fedml.flower.node_data import inventory_content, load_user_items, partition
+
+if TYPE_CHECKING:
+    import torch
 
 VECTORS = "fedml-user-vectors"
 
@@ -54,6 +49,12 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run :func:`client_update` for each requested shopper; reply with their row deltas only."""
+    # torch only here: Flower starts a fresh process per message, and a query needs none of it
+    from fedml.federated.client import client_update
+    from fedml.federated.randomness import draw_round
+    from fedml.flower.protocol import read_train_request, updates_content
+    from fedml.threads import single_thread
+
     request = read_train_request(msg.content)
     data, held = node_data(context)
     foreign = sorted(set(request.clients) - set(held.tolist()))
@@ -76,6 +77,8 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _load_vectors(context: Context) -> dict[int, torch.Tensor]:
+    import torch
+
     if VECTORS not in context.state:
         return {}
     record = context.state[VECTORS]
@@ -84,6 +87,8 @@ def _load_vectors(context: Context) -> dict[int, torch.Tensor]:
 
 
 def _store_vectors(context: Context, vectors: dict[int, torch.Tensor]) -> None:
+    import torch
+
     clients = sorted(vectors)
     values = torch.stack([vectors[c] for c in clients]).detach().cpu().numpy()
     context.state[VECTORS] = ArrayRecord(

@@ -191,12 +191,13 @@ def submit_run(
         log_handle.close()
     last = events[-1]["event"] if events else None
     if last != "finished":
-        detail = (
-            events[-1].get("error") if last == "failed" else f"no 'finished' event (flwr run exit {process.returncode})"
-        )
-        raise RuntimeError(
-            f"Flower run failed: {detail}; see {log or workdir / 'flwr-run.log'} and the SuperLink's log"
-        )
+        log_path = log or workdir / "flwr-run.log"
+        if last == "failed":
+            detail = events[-1].get("error")
+        else:
+            detail = f"no 'finished' event (flwr run exit {process.returncode})"
+        tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+        raise RuntimeError(f"Flower run failed: {detail}; the SuperLink's log has more. {log_path}:\n{tail}")
     return read_run(output, events)
 
 

@@ -8,6 +8,7 @@ data file (``partition-id`` of ``num-partitions``). Processes are stopped by the
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from fedml.data.interactions import UserItems
 from fedml.flower.app_project import RunSettings
 from fedml.flower.certs import TlsFiles, generate_certificates
 from fedml.flower.commands import FlowerRun, flower_env, submit_run, superlink_argv, supernode_argv
-from fedml.flower.protocol import save_user_items
+from fedml.flower.node_data import save_user_items
 
 HOST = "127.0.0.1"
 
@@ -47,11 +48,12 @@ class LocalFederation:
 
     data: UserItems
     nodes: int
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fedml-flower-")))
+    workdir: Path | None = None  # logs, certificates, state; None: a temporary directory removed on close
     tls: bool = True  # certificates made on the fly; False: --insecure
     _processes: list[_Process] = field(default_factory=list)
     _nodes: list[_Process] = field(default_factory=list)
     _runs: int = 0
+    _owns_workdir: bool = False
 
     def __enter__(self) -> LocalFederation:
         return self.start()
@@ -62,6 +64,9 @@ class LocalFederation:
     def start(self, timeout_s: float = 60.0) -> LocalFederation:
         if self.nodes < 1:
             raise ValueError(f"nodes must be at least 1, got {self.nodes}")
+        if self.workdir is None:
+            self.workdir, self._owns_workdir = Path(tempfile.mkdtemp(prefix="fedml-flower-")), True
+        self.workdir = Path(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.security: TlsFiles | None = generate_certificates(self.workdir / "certs", [HOST]) if self.tls else None
         data_file = save_user_items(self.workdir / "shoppers.npz", self.data)
@@ -127,6 +132,8 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 _signal(proc.process, signal.SIGKILL)
                 proc.process.wait()
+        if self._owns_workdir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def logs_tail(self, chars: int = 2000) -> str:
         parts = []

@@ -1,10 +1,9 @@
-"""What travels between our ServerApp and ClientApp, and the shopper data a SuperNode holds.
+"""What travels between our ServerApp and ClientApp (the node side: :mod:`fedml.flower.node_data`).
 
 Messages (all records are Flower ``RecordDict`` entries):
 
-* ``query`` (server -> node, empty) -> ``inventory``: the node's shoppers (global indices), their
-  example counts and the data set's sizes. Counts are public in our DP model, as in
-  :meth:`fedml.federated.aggregation.DPFedAvg.for_population`.
+* ``query`` (server -> node, empty) -> ``inventory`` (:mod:`fedml.flower.node_data`): the node's
+  shoppers, their example counts and the data set's sizes.
 * ``train`` (server -> node): the global item table, the local hyper-parameters, seed, round and the
   round's sampled shoppers that live on this node -> ``updates``: each shopper's touched rows and their
   deltas (concatenated, with offsets), example counts and local losses. User vectors never leave.
@@ -13,82 +12,19 @@ Messages (all records are Flower ``RecordDict`` entries):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
-from fedml.data.interactions import UserItems
 from fedml.federated.client import ClientUpdate, LocalTraining
+from fedml.flower.node_data import arrays as _arrays
 from fedml.models.mf import ItemTable
 
 TABLE = "table"
 CONFIG = "config"
 UPDATES = "updates"
-INVENTORY = "inventory"
-METRICS = "metrics"
-
-
-# ---------------------------------------------------------------------------------------------
-# Node data
-
-
-def save_user_items(path: str | Path, data: UserItems) -> Path:
-    """Write shoppers' positives as a node's data file (``.npz``: indptr, items, n_users, n_items)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as handle:
-        np.savez(handle, indptr=data.indptr, items=data.items, n_users=data.n_users, n_items=data.n_items)
-    return path
-
-
-def load_user_items(path: str | Path) -> UserItems:
-    """Read a node's data file written by :func:`save_user_items`."""
-    try:
-        with np.load(path) as z:
-            return UserItems(indptr=z["indptr"], items=z["items"], n_users=int(z["n_users"]), n_items=int(z["n_items"]))
-    except (OSError, KeyError, ValueError) as error:
-        raise ValueError(f"node data file {path}: not a shopper data file ({error})") from error
-
-
-def partition(n_users: int, partition_id: int, num_partitions: int) -> np.ndarray:
-    """The shoppers (global indices) of one partition: contiguous blocks of sizes differing by at most one."""
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
-    return np.array_split(np.arange(n_users, dtype=np.int64), num_partitions)[partition_id]
-
-
-# ---------------------------------------------------------------------------------------------
 # Messages
-
-
-def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in values.items()})
-
-
-def inventory_content(clients: np.ndarray, counts: np.ndarray, n_users: int, n_items: int) -> RecordDict:
-    return RecordDict(
-        {
-            INVENTORY: _arrays({"clients": clients.astype(np.int64), "counts": counts.astype(np.int64)}),
-            METRICS: MetricRecord({"n-users": int(n_users), "n-items": int(n_items)}),
-        }
-    )
-
-
-@dataclass(frozen=True)
-class Inventory:
-    clients: np.ndarray  # int64: global shopper indices
-    counts: np.ndarray  # int64: their example counts
-    n_users: int
-    n_items: int
-
-
-def read_inventory(content: RecordDict) -> Inventory:
-    record, metrics = content[INVENTORY], content[METRICS]
-    return Inventory(
-        record["clients"].numpy(), record["counts"].numpy(), int(metrics["n-users"]), int(metrics["n-items"])
-    )
 
 
 def train_content(

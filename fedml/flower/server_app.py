@@ -32,7 +32,8 @@ from fedml.config import RunConfig
 from fedml.federated.client import ClientUpdate
 from fedml.federated.rounds import RoundReport
 from fedml.federated.sampling import poisson_sample
-from fedml.flower.protocol import read_inventory, read_updates, train_content
+from fedml.flower.node_data import read_inventory
+from fedml.flower.protocol import read_updates, train_content
 from fedml.flower.setup import FederatedSetup, federated_setup, privacy_statement
 from fedml.models.mf import ItemTable, init_item_table
 
