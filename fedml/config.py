@@ -43,6 +43,10 @@ class ModelConfig:
     init_scale: float = 0.1
     fold_in_l2: float = 1.0
     fold_in_iterations: int = 30  # a cap (fedml.models.mf.FOLD_IN_ITERATIONS): each shopper stops once converged
+    # mf: matrix factorisation (fedml.models.mf); ease: item-item weights from the federated Gram matrix
+    # (fedml.models.ease: no local training, server_optimizer sgd or momentum, DP-SGD not available)
+    kind: Literal["mf", "ease"] = "mf"
+    ease_l2: float = 8.0  # ease: lambda = ease_l2 * mean item count (relative, see fedml.models.ease)
 
 
 @dataclass

@@ -23,6 +23,8 @@ from fedml.federated.aggregation import DPFedAvg, FedAvg
 from fedml.federated.client import LocalTraining
 from fedml.federated.rounds import Checkpointer, RoundReport, ShardRunner, run_in_process, train_federated
 from fedml.federated.server_optim import server_optimizer
+from fedml.models.ease import KIND as EASE
+from fedml.models.ease import ease_table, gram_of, init_gram_table
 from fedml.models.mf import ItemTable, init_item_table
 from fedml.privacy.accountant import SubsampledGaussianAccountant, calibrate_noise_multiplier
 from fedml.privacy.audit import (
@@ -173,7 +175,12 @@ def train_model(
     Federated training saves its state to ``checkpoints`` after every round and continues from
     ``resume`` (such a state) when given; central training (DP-SGD) neither saves nor resumes.
     """
-    init = init_item_table(data.n_items, config.model.dim, config.model.init_scale, config.training.seed)
+    ease = config.model.kind == EASE
+    if ease:
+        _check_ease(config)
+        init = init_gram_table(data.n_items)
+    else:
+        init = init_item_table(data.n_items, config.model.dim, config.model.init_scale, config.training.seed)
     if canaries is not None:
         init = canary_initial_table(init, canaries)
     if config.training.mode == "central":
@@ -186,6 +193,8 @@ def train_model(
     if canaries is not None:
         result = _audit(init, table, canaries, central, config)
         table = strip_canaries(table, canaries)
+    if ease:
+        table = ease_table(table, config.model.ease_l2)
     return TrainingOutcome(table, central, local_statement, rounds, losses, result)
 
 
@@ -200,6 +209,14 @@ def _audit(
         guesses = planned_guesses(canaries.m, 1 - (1 - q) ** steps)
     scores = score_canaries(init, trained, canaries)
     return audit(scores, canaries, config.privacy.delta, settings.confidence, guesses)
+
+
+def _check_ease(config: RunConfig) -> None:
+    """EASE's weights are a function of the accumulated Gram table: only linear server steps keep it one."""
+    if config.training.mode == "federated" and config.federated.server_optimizer == "adam":
+        raise ValueError("model.kind=ease needs federated.server_optimizer sgd or momentum (adam rescales rows)")
+    if config.training.mode == "central" and config.privacy.dp_sgd.enabled:
+        raise ValueError("model.kind=ease has no DP-SGD training: set privacy.dp_sgd.enabled=false")
 
 
 def _train_federated(
@@ -220,6 +237,7 @@ def _train_federated(
         l2=config.model.l2,
         fold_in_l2=config.model.fold_in_l2,
         init_iterations=fed.client_init_iterations,
+        model=config.model.kind,
     )
     accountant = None
     if dp.enabled:
@@ -277,6 +295,8 @@ def _train_federated(
 def _train_central(
     data: UserItems, init: ItemTable, config: RunConfig, on_epoch: Callable[[int, float, float | None], None] | None
 ) -> tuple[ItemTable, PrivacyStatement | None, list[RoundReport], list[float]]:
+    if config.model.kind == EASE:  # the centralised reference: the exact Gram matrix of the pooled data
+        return gram_of(data), None, [], []
     from fedml.privacy.dpsgd import train_central  # Opacus import only when used
 
     sgd, privacy = config.privacy.dp_sgd, config.privacy
