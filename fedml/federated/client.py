@@ -8,12 +8,16 @@ and uploads only the change of those item rows. The user vector stays on the dev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from fedml.federated.randomness import LocalDraws
+from fedml.models.ease import KIND as EASE
+from fedml.models.ease import gram_rows
 from fedml.models.mf import ItemTable, fold_in
 
 #: fold-in steps (a cap) for a first-time client's starting vector: the exact Newton step from ``p = 0``
@@ -33,6 +37,7 @@ class LocalTraining:
     l2: float
     fold_in_l2: float = 1.0
     init_iterations: int = CLIENT_INIT_ITERATIONS  # fold-in steps (a cap) for a first-time client's start
+    model: Literal["mf", "ease"] = "mf"  # ease: no local training, the device uploads its co-occurrences
 
 
 @dataclass
@@ -65,7 +70,14 @@ def client_update(
     ``config.init_iterations`` steps of it). Gradients are
     written out by hand (the model is two embedding lookups and a dot product), which keeps one
     client update cheap.
+
+    With ``config.model == "ease"`` there is nothing to train: the upload is :func:`gram_update` and the
+    user vector stays as it was (zeros for a first-time client).
     """
+    if config.model == EASE:
+        if user_vector is None:
+            user_vector = torch.zeros(table.dim, dtype=table.embeddings.dtype, device=table.embeddings.device)
+        return gram_update(positives, table.n_items), user_vector
     positives = np.asarray(positives, dtype=np.int64)
     if user_vector is None:
         user_vector = fold_in(
@@ -99,6 +111,28 @@ def client_update(
         loss=total_loss / max(steps, 1),
     )
     return update, p
+
+
+def gram_update(positives: np.ndarray, n_items: int) -> ClientUpdate:
+    """An EASE device's upload: its history's co-occurrences ``x^T x / n`` (see :mod:`fedml.models.ease`)."""
+    rows, block, counts = gram_rows(positives, n_items)
+    return ClientUpdate(rows=rows, delta_embeddings=block, delta_bias=counts, num_examples=len(rows), loss=0.0)
+
+
+class GramUploads(Sequence[ClientUpdate]):
+    """The EASE uploads of some clients, each built when read: a whole round's ``[n, n_items]`` blocks
+    would not fit in memory at once, one client's does."""
+
+    def __init__(self, positives: Sequence[np.ndarray], n_items: int) -> None:
+        self.positives, self.n_items = positives, n_items
+
+    def __len__(self) -> int:
+        return len(self.positives)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return gram_update(self.positives[index], self.n_items)
 
 
 def _sgd_step(

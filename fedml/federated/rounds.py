@@ -31,11 +31,12 @@ import torch
 from fedml.data.interactions import UserItems
 from fedml.data.ragged import Ragged
 from fedml.federated.aggregation import PartialSum, RoundAggregate
-from fedml.federated.client import LocalTraining, client_update
+from fedml.federated.client import GramUploads, LocalTraining, client_update
 from fedml.federated.devices import DeviceStore, UserVectors
 from fedml.federated.randomness import RoundDraws, draw_round
 from fedml.federated.sampling import poisson_sample
 from fedml.federated.server_optim import ServerOptimizer, ServerSGD
+from fedml.models.ease import KIND as EASE
 from fedml.models.mf import ItemTable
 from fedml.threads import single_thread
 
@@ -102,6 +103,10 @@ class ShardResult:
 def run_shard(shard: Shard) -> ShardResult:
     """Train a shard's clients and accumulate their scaled deltas (runs on a worker)."""
     table, n_items, dim = shard.table.to(shard.device), shard.table.n_items, shard.table.dim
+    if shard.local.model == EASE:  # no local training, nothing to batch: each upload is built as it is added
+        uploads = GramUploads(shard.positives, n_items)
+        partial = shard.aggregator.accumulate(uploads, n_items, dim, shard.device)
+        return ShardResult(partial, np.zeros(len(uploads)), shard.vectors.values)
     if shard.engine == "batched":
         from fedml.federated.batched import batched_client_updates  # noqa: PLC0415 (batched imports this module)
 

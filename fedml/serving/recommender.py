@@ -17,6 +17,8 @@ import torch
 
 from fedml.data.ids import IdMap
 from fedml.files import atomic_write_text
+from fedml.models.ease import KIND as EASE
+from fedml.models.ease import history_vectors
 from fedml.models.mf import FOLD_IN_ITERATIONS, FoldInCatalogue, ItemTable, fold_in, score_all
 
 WEIGHTS_FILE = "item_table.npz"
@@ -40,6 +42,7 @@ class Recommender:
     negatives: int = 4
     fold_in_l2: float = 1.0
     fold_in_iterations: int = FOLD_IN_ITERATIONS
+    model: str = "mf"  # model.kind: mf folds a history in; ease scores it as a 0/1 row (fedml.models.ease)
     # the table's fold-in terms shared by all shoppers, computed once per table (a server folds in per request)
     _catalogue: tuple[ItemTable, FoldInCatalogue] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -53,6 +56,8 @@ class Recommender:
         The evaluation protocol scores through this too, so that evaluated and served models agree.
         """
         with torch.no_grad():
+            if self.model == EASE:
+                return score_all(self.table, history_vectors(histories, self.table.n_items))
             if self._catalogue is None or self._catalogue[0] is not self.table:
                 self._catalogue = (self.table, FoldInCatalogue.of(self.table))
             vectors = fold_in(
@@ -82,6 +87,7 @@ class Recommender:
             "negatives": self.negatives,
             "fold_in_l2": self.fold_in_l2,
             "fold_in_iterations": self.fold_in_iterations,
+            "model": self.model,
         }
         atomic_write_text(directory / SETTINGS_FILE, json.dumps(settings, indent=2))
         return directory
