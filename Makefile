@@ -56,6 +56,12 @@ bench-serve: $(STAMP)
 bench-quality: $(STAMP)
 	$(PY) -m bench.quality $(if $(QUICK),--quick) $(BENCH_ARGS)
 
+# Poisoned-clients benchmark (bench/robust.py): HR@10 with 10% of clients scaled or sign-flipped, with and without
+# norm bounding + trimmed mean; writes bench/results/robust.json (QUICK=1: a small shop, robust-quick.json).
+.PHONY: bench-robust
+bench-robust: $(STAMP)
+	$(PY) -m bench.robust $(if $(QUICK),--quick) $(BENCH_ARGS)
+
 clean:
 	rm -rf .fedml .pytest_cache
 

@@ -65,6 +65,10 @@ class FederatedConfig:
     client_init_iterations: int = 2  # fold-in steps of a new client's start (federated.client.CLIENT_INIT_ITERATIONS)
     engine: Literal["reference", "batched"] = "batched"  # one client at a time, or a round's clients batched
     shards: int = 1  # split each round's clients into this many shards (Prefect tasks)
+    # poisoned clients (fedml.federated.robust; not with DP-FedAvg): fedavg | per-item-row trimmed_mean | median
+    aggregation: Literal["fedavg", "trimmed_mean", "median"] = "fedavg"
+    trim_fraction: float = 0.1  # trimmed_mean: share of each row's client weight cut from each end, in [0, 0.5)
+    norm_bound: float = 0.0  # > 0: clip each update to this multiple of the round's median update norm
     task_runner: Literal["inline", "dask"] = "inline"  # dask: shards run on a Dask cluster
     dask_address: str = ""  # an existing Dask scheduler; empty: a local cluster of worker processes
 

@@ -19,9 +19,10 @@ from fedml.data.ids import IdMap
 from fedml.data.interactions import UserItems
 from fedml.data.schema import EVENT, ITEM, RATING, USER
 from fedml.data.split import positive_mask
-from fedml.federated.aggregation import DPFedAvg, FedAvg
+from fedml.federated.aggregation import DPFedAvg
 from fedml.federated.client import LocalTraining
-from fedml.federated.rounds import Checkpointer, RoundReport, ShardRunner, run_in_process, train_federated
+from fedml.federated.robust import check_dp_compatible, federated_aggregator
+from fedml.federated.rounds import Aggregator, Checkpointer, RoundReport, ShardRunner, run_in_process, train_federated
 from fedml.federated.server_optim import server_optimizer
 from fedml.models.ease import KIND as EASE
 from fedml.models.ease import ease_table, gram_of, init_gram_table
@@ -163,6 +164,7 @@ def train_model(
     shard_runner: ShardRunner = run_in_process,
     on_round: Callable[[RoundReport], None] | None = None,
     on_epoch: Callable[[int, float, float | None], None] | None = None,
+    wrap_aggregator: Callable[[Aggregator], Aggregator] | None = None,
     checkpoints: Checkpointer | None = None,
     resume: Mapping[str, Any] | None = None,
 ) -> TrainingOutcome:
@@ -171,7 +173,8 @@ def train_model(
     ``canaries`` (from :func:`plant_audit_canaries`, already in ``data``) are audited after training
     and stripped from the returned table, so the published model never holds a fake product.
     ``local_statement`` is the guarantee of local DP already applied to ``data``, if any;
-    ``shard_runner`` runs the shards of a federated round (in process by default).
+    ``shard_runner`` runs the shards of a federated round (in process by default);
+    ``wrap_aggregator`` wraps the federated aggregator (simulations: :mod:`fedml.federated.attacks`).
     Federated training saves its state to ``checkpoints`` after every round and continues from
     ``resume`` (such a state) when given; central training (DP-SGD) neither saves nor resumes.
     """
@@ -187,7 +190,7 @@ def train_model(
         table, central, rounds, losses = _train_central(data, init, config, on_epoch)
     else:
         table, central, rounds, losses = _train_federated(
-            data, init, config, shard_runner, on_round, checkpoints, resume
+            data, init, config, shard_runner, on_round, checkpoints, resume, wrap_aggregator=wrap_aggregator
         )
     result = None
     if canaries is not None:
@@ -227,6 +230,8 @@ def _train_federated(
     on_round: Callable[[RoundReport], None] | None,
     checkpoints: Checkpointer | None = None,
     resume: Mapping[str, Any] | None = None,
+    *,
+    wrap_aggregator: Callable[[Aggregator], Aggregator] | None = None,
 ) -> tuple[ItemTable, PrivacyStatement | None, list[RoundReport], list[float]]:
     fed, dp, privacy = config.federated, config.privacy.dp_fedavg, config.privacy
     local = LocalTraining(
@@ -241,6 +246,7 @@ def _train_federated(
     )
     accountant = None
     if dp.enabled:
+        check_dp_compatible(fed.aggregation, fed.norm_bound)
         aggregator = DPFedAvg.for_population(
             data.counts(),
             fed.client_rate,
@@ -253,7 +259,9 @@ def _train_federated(
         )
         accountant = SubsampledGaussianAccountant(dp.noise_multiplier, fed.client_rate, privacy.accountant)
     else:
-        aggregator = FedAvg()
+        aggregator = federated_aggregator(fed.aggregation, fed.trim_fraction, fed.norm_bound)
+    if wrap_aggregator is not None:
+        aggregator = wrap_aggregator(aggregator)
     run = train_federated(
         data,
         init,
