@@ -63,8 +63,11 @@ class FederatedConfig:
     server_beta2: float = 0.99  # Adam's second moment
     server_tau: float = 1e-3  # Adam's adaptivity (epsilon)
     client_init_iterations: int = 2  # fold-in steps of a new client's start (federated.client.CLIENT_INIT_ITERATIONS)
-    engine: Literal["reference", "batched"] = "batched"  # one client at a time, or a round's clients batched
+    # one client at a time, a round's clients batched, or a Flower deployment of processes (fedml.flower)
+    engine: Literal["reference", "batched", "flower"] = "batched"
     shards: int = 1  # split each round's clients into this many shards (Prefect tasks)
+    flower_supernodes: int = 3  # engine = flower: SuperNodes on this machine, each holding a block of shoppers
+    flower_round_timeout_s: float = 300.0  # engine = flower: a round stops waiting for replies after this
     # poisoned clients (fedml.federated.robust; not with DP-FedAvg): fedavg | per-item-row trimmed_mean | median
     aggregation: Literal["fedavg", "trimmed_mean", "median"] = "fedavg"
     trim_fraction: float = 0.1  # trimmed_mean: share of each row's client weight cut from each end, in [0, 0.5)

@@ -197,6 +197,9 @@ def train(
     def on_round(report: Any) -> None:
         # Under DP-FedAvg only what the accountant covers (and public counts) leaves the server.
         metrics: dict[str, float] = {"train/clients": report.clients, "train/seconds": report.seconds}
+        for count in ("clients_sampled", "clients_answered"):  # Flower rounds: who was asked, who answered
+            if hasattr(report, count):
+                metrics[f"train/{count}"] = getattr(report, count)
         if not private_diagnostics:
             metrics.update({f"train/{k}": v for k, v in report.metrics().items() if k != "epsilon"})
         if report.epsilon is not None:
@@ -234,12 +237,19 @@ def train(
         for saved in resume.state["reports"]:  # checkpointed, but the kill came before they were reported
             if saved["round"] > spending.done:
                 on_round(RoundReport(**saved))
-    with shard_runner(config) as runner:
-        outcome = train_model(
-            data, config, canaries=canaries, local_statement=local_statement, shard_runner=runner,
-            on_round=on_round, on_epoch=on_epoch, checkpoints=checkpoints,
-            resume=None if resume is None else resume.state,
+    if config.federated.engine == "flower":  # a Flower deployment on this machine; no checkpoints
+        from fedml.flower.training import train_with_flower
+
+        outcome = train_with_flower(
+            data, config, canaries=canaries, local_statement=local_statement, on_round=on_round
         )  # fmt: skip
+    else:
+        with shard_runner(config) as runner:
+            outcome = train_model(
+                data, config, canaries=canaries, local_statement=local_statement, shard_runner=runner,
+                on_round=on_round, on_epoch=on_epoch, checkpoints=checkpoints,
+                resume=None if resume is None else resume.state,
+            )  # fmt: skip
     headline = outcome.headline
     logger.info("trained: %s", headline.describe() if headline else "no differential privacy")
     if outcome.audit is not None:

@@ -27,7 +27,7 @@ from fedml.flower.node_data import load_user_items, partition, save_user_items
 from fedml.flower.protocol import read_train_request, read_updates, train_content, updates_content
 from fedml.models.mf import init_item_table
 from fedml.privacy.accountant import SubsampledGaussianAccountant
-from fedml.training import train_model
+from fedml.training import plant_audit_canaries, train_model
 from tests.clustered_shop import clustered_shop
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -121,22 +121,27 @@ def test_certificates_name_the_superlink_and_chain_to_the_ca(tmp_path) -> None:
 
 @pytest.mark.integration
 def test_a_flower_deployment_trains_what_the_simulator_trains(shop, tmp_path) -> None:
-    """SuperLink + 3 SuperNodes over TLS, 3 rounds: the same model and epsilon as train_model."""
-    from fedml.flower.local import LocalFederation
+    """SuperLink + 3 SuperNodes over TLS, 3 rounds, as the pipeline's federated.engine = "flower" runs
+    them (audit canaries included): the same model, epsilon and audit as train_model."""
+    from fedml.flower.training import train_with_flower
 
-    config = _config()
-    simulated = train_model(shop, config)
-    with LocalFederation(shop, nodes=NODES, tls=True, workdir=tmp_path) as federation:
-        run = federation.run(config, timeout_s=600)
+    config = _config("privacy.audit.enabled=true", "privacy.audit.canaries=6")
+    data, canaries = plant_audit_canaries(shop, config)
+    assert canaries is not None and data.n_users > N_USERS
+    simulated = train_model(data, config, canaries=canaries)
+    rounds = []
+    flower = train_with_flower(data, config, canaries=canaries, on_round=rounds.append, workdir=tmp_path)
 
-    torch.testing.assert_close(run.table.embeddings, simulated.table.embeddings, rtol=0, atol=1e-6)
-    torch.testing.assert_close(run.table.bias, simulated.table.bias, rtol=0, atol=1e-6)
-    assert run.statement == simulated.central  # epsilon, sigma, q and steps from the same accountant
-    assert [r.epsilon for r in run.reports] == [r.epsilon for r in simulated.rounds]
-    assert [r.clients for r in run.reports] == [r.clients for r in simulated.rounds]
-    assert [r.clipped_fraction for r in run.reports] == pytest.approx([r.clipped_fraction for r in simulated.rounds])
-    assert any(r.clipped_fraction > 0 for r in run.reports)  # clipping happened, on the server
-    assert all(r.clients_answered == r.clients_sampled == r.clients for r in run.reports)
+    torch.testing.assert_close(flower.table.embeddings, simulated.table.embeddings, rtol=0, atol=1e-6)
+    torch.testing.assert_close(flower.table.bias, simulated.table.bias, rtol=0, atol=1e-6)
+    assert flower.central == simulated.central  # epsilon, sigma, q and steps from the same accountant
+    assert flower.audit == simulated.audit
+    assert rounds == flower.rounds and len(rounds) == config.federated.rounds
+    assert [r.epsilon for r in rounds] == [r.epsilon for r in simulated.rounds]
+    assert [r.clients for r in rounds] == [r.clients for r in simulated.rounds]
+    assert [r.clipped_fraction for r in rounds] == pytest.approx([r.clipped_fraction for r in simulated.rounds])
+    assert any(r.clipped_fraction > 0 for r in rounds)  # clipping happened, on the server
+    assert all(r.clients_answered == r.clients_sampled == r.clients for r in rounds)
 
 
 @pytest.mark.integration

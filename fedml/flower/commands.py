@@ -208,13 +208,15 @@ def read_run(output_dir: str | Path, events: list[dict[str, Any]] | None = None)
         events = [json.loads(line) for line in (output / EVENTS_FILE).read_text().splitlines() if line]
     with np.load(output / MODEL_FILE) as arrays:
         table = ItemTable.from_numpy(dict(arrays))
-    fields = set(FlowerRoundReport.__dataclass_fields__)
-    reports = [
-        FlowerRoundReport(**{k: v for k, v in e.items() if k in fields}) for e in events if e["event"] == "round"
-    ]
+    reports = [round_report(e) for e in events if e["event"] == "round"]
     summary = json.loads((output / SUMMARY_FILE).read_text())
     statement = PrivacyStatement(**summary["statement"]) if summary["statement"] else None
     return FlowerRun(table, reports, statement, events)
+
+
+def round_report(event: dict[str, Any]) -> FlowerRoundReport:
+    """The round record in a ``round`` event."""
+    return FlowerRoundReport(**{k: v for k, v in event.items() if k in FlowerRoundReport.__dataclass_fields__})
 
 
 def _follow(path: Path, process: subprocess.Popen, deadline: float | None) -> Iterator[dict[str, Any]]:

@@ -110,6 +110,11 @@ def serve(grid: Grid, settings: ServerSettings, events: EventLog) -> None:
     if settings.init_file:
         with np.load(settings.init_file) as arrays:
             table = ItemTable.from_numpy(dict(arrays))
+        if table.n_items != n_items or table.dim != config.model.dim:
+            raise ValueError(
+                f"init-file {settings.init_file}: a table of {table.n_items} items x {table.dim}, "
+                f"the nodes hold {n_items} items and model.dim is {config.model.dim}"
+            )
     else:
         table = init_item_table(n_items, config.model.dim, config.model.init_scale, config.training.seed)
     rng = np.random.default_rng(config.training.seed)
