@@ -284,10 +284,16 @@ def _restore(
 
 
 def _noise_generator(aggregator: Aggregator) -> torch.Generator | None:
-    """The aggregator's seeded noise generator, whose state a checkpoint must carry (None: no noise,
-    or unseeded noise from the OS, which a resumed run simply keeps drawing)."""
-    generator = getattr(aggregator, "generator", None)
-    return generator if isinstance(generator, torch.Generator) else None
+    """The seeded noise generator of the aggregator (or of the aggregator it wraps, as ``inner``), whose
+    state a checkpoint must carry. None: no noise, or unseeded noise from the OS, which a resumed run
+    simply keeps drawing."""
+    seen: Any = aggregator
+    while seen is not None:
+        generator = getattr(seen, "generator", None)
+        if isinstance(generator, torch.Generator):
+            return generator
+        seen = getattr(seen, "inner", None)
+    return None
 
 
 def _shard_bounds(n_clients: int, shards: int) -> list[int]:
