@@ -110,7 +110,8 @@ def test_recommender_scores_histories_with_the_item_weights_and_survives_save(tm
     data, test = clustered_shop(n_users=90, n_items=30, clusters=3, per_user=6)
     table = train_model(data, load_config(None, [*EASE, "federated.rounds=1", "federated.client_rate=1.0"])).table
     ids = IdMap(users=[f"u{u}" for u in range(data.n_users)], items=[f"i{i}" for i in range(data.n_items)])
-    recommender = Recommender(table=table, ids=ids, model="ease")
+    assert table.kind == "ease"
+    recommender = Recommender(table=table, ids=ids)
     histories = [data.of(u) for u in range(3)]
     x = np.zeros((3, data.n_items))
     for row, history in enumerate(histories):
@@ -118,7 +119,7 @@ def test_recommender_scores_histories_with_the_item_weights_and_survives_save(tm
     expected = x @ table.embeddings.T.double().numpy()
     np.testing.assert_allclose(recommender.score(histories).double().numpy(), expected, atol=1e-5)
     loaded = Recommender.load(recommender.save(tmp_path / "model"))
-    assert loaded.model == "ease"
+    assert loaded.table.kind == "ease"
     torch.testing.assert_close(loaded.score(histories), recommender.score(histories))
     # the clustered structure is learnt: far better than popularity at finding the held-out item
     scorer = lambda users, hs: recommender.score(hs)  # noqa: E731

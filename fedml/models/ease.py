@@ -15,7 +15,8 @@ table's scale (the aggregator's denominator, the server rate, the number of roun
 
 As an :class:`~fedml.models.mf.ItemTable`: while training, ``embeddings`` is the ``[n_items, n_items]``
 Gram estimate and ``bias`` the item counts (its diagonal, which the canary audit reads); published,
-``embeddings`` is ``B^T`` and ``bias`` zero, so that ``score_all(table, history_vectors(...))`` is ``x_u B``.
+``embeddings`` is ``B^T``, ``bias`` zero and ``kind`` ``"ease"``, so that ``score_all(table, history_vectors(...))``
+is ``x_u B`` (what :class:`~fedml.serving.recommender.Recommender` does for such a table).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def ease_weights(gram: torch.Tensor, l2: float) -> torch.Tensor:
 def ease_table(gram_table: ItemTable, l2: float) -> ItemTable:
     """The published table of a trained Gram table: ``embeddings = B^T`` (float32), ``bias = 0``."""
     b = ease_weights(gram_table.embeddings, l2)
-    return ItemTable(b.T.contiguous().float(), torch.zeros(gram_table.n_items))
+    return ItemTable(b.T.contiguous().float(), torch.zeros(gram_table.n_items), KIND)
 
 
 def gram_of(data: UserItems) -> ItemTable:

@@ -25,10 +25,15 @@ from fedml.data.ragged import Ragged
 
 @dataclass
 class ItemTable:
-    """The global model: item embeddings ``[n_items, dim]`` and item biases ``[n_items]``."""
+    """The global model: item embeddings ``[n_items, dim]`` and item biases ``[n_items]``.
+
+    ``kind`` says how a shopper's scores come from it: ``mf``, fold the history in (:func:`fold_in`);
+    ``ease``, the history's 0/1 row times the table (:mod:`fedml.models.ease`; then ``dim == n_items``).
+    """
 
     embeddings: torch.Tensor
     bias: torch.Tensor
+    kind: str = "mf"
 
     @property
     def n_items(self) -> int:
@@ -39,22 +44,27 @@ class ItemTable:
         return int(self.embeddings.shape[1])
 
     def clone(self) -> ItemTable:
-        return ItemTable(self.embeddings.clone(), self.bias.clone())
+        return ItemTable(self.embeddings.clone(), self.bias.clone(), self.kind)
 
     def to(self, device: str | torch.device) -> ItemTable:
-        return ItemTable(self.embeddings.to(device), self.bias.to(device))
+        return ItemTable(self.embeddings.to(device), self.bias.to(device), self.kind)
 
     def to_numpy(self) -> dict[str, np.ndarray]:
-        return {
+        """The arrays of the table; ``kind`` too unless it is ``mf`` (tables saved before it existed are ``mf``)."""
+        arrays = {
             "item_embeddings": self.embeddings.detach().cpu().numpy().astype(np.float32),
             "item_bias": self.bias.detach().cpu().numpy().astype(np.float32),
         }
+        if self.kind != "mf":
+            arrays["kind"] = np.array(self.kind)
+        return arrays
 
     @classmethod
     def from_numpy(cls, arrays: dict[str, np.ndarray]) -> ItemTable:
         return cls(
             torch.as_tensor(np.asarray(arrays["item_embeddings"], dtype=np.float32)),
             torch.as_tensor(np.asarray(arrays["item_bias"], dtype=np.float32)),
+            str(arrays["kind"]) if "kind" in arrays else "mf",
         )
 
 

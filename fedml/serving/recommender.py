@@ -42,7 +42,6 @@ class Recommender:
     negatives: int = 4
     fold_in_l2: float = 1.0
     fold_in_iterations: int = FOLD_IN_ITERATIONS
-    model: str = "mf"  # model.kind: mf folds a history in; ease scores it as a 0/1 row (fedml.models.ease)
     # the table's fold-in terms shared by all shoppers, computed once per table (a server folds in per request)
     _catalogue: tuple[ItemTable, FoldInCatalogue] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -56,7 +55,7 @@ class Recommender:
         The evaluation protocol scores through this too, so that evaluated and served models agree.
         """
         with torch.no_grad():
-            if self.model == EASE:
+            if self.table.kind == EASE:  # no fold-in: the history's 0/1 row times the item-item weights
                 return score_all(self.table, history_vectors(histories, self.table.n_items))
             if self._catalogue is None or self._catalogue[0] is not self.table:
                 self._catalogue = (self.table, FoldInCatalogue.of(self.table))
@@ -87,7 +86,6 @@ class Recommender:
             "negatives": self.negatives,
             "fold_in_l2": self.fold_in_l2,
             "fold_in_iterations": self.fold_in_iterations,
-            "model": self.model,
         }
         atomic_write_text(directory / SETTINGS_FILE, json.dumps(settings, indent=2))
         return directory
