@@ -71,6 +71,10 @@ def test_node_data_round_trips_and_partitions_cover_every_shopper(tmp_path, shop
     assert np.array_equal(np.concatenate(blocks), np.arange(N_USERS))
     with pytest.raises(ValueError, match="partition-id"):
         partition(N_USERS, NODES, NODES)
+    device = load_user_items(save_user_items(tmp_path / "device.npz", shop, shoppers=[3, 17]))
+    assert (device.n_users, device.n_items) == (shop.n_users, shop.n_items)
+    assert np.flatnonzero(device.counts()).tolist() == [3, 17]
+    assert np.array_equal(device.of(17), shop.of(17)) and np.array_equal(device.of(3), shop.of(3))
     (tmp_path / "bad.npz").write_bytes(b"not numpy")
     with pytest.raises(ValueError, match="bad.npz"):
         load_user_items(tmp_path / "bad.npz")

@@ -2,7 +2,9 @@
 
 Node config (``flower-supernode --node-config``): ``data-file`` (a shopper data file, see
 :func:`fedml.flower.node_data.save_user_items`), and optionally ``partition-id`` / ``num-partitions``
-(the node holds that contiguous block of the file's shoppers; default: all of them).
+(the node holds that contiguous block of the file's shoppers; default: all of them). The node holds
+the shoppers of its block that have data: a device's file keeps the population's size but only its
+own shoppers' rows.
 
 User vectors are private: they live in the node's ``Context.state`` (kept by the SuperNode across
 the messages of a run) and never travel. A shopper trained for the first time starts from the
@@ -43,6 +45,7 @@ def query(msg: Message, context: Context) -> Message:
     """Which shoppers this node holds and how many examples each has."""
     data, clients = node_data(context)
     counts = np.asarray(data.counts())[clients]
+    clients, counts = clients[counts > 0], counts[counts > 0]  # a row without data is nobody's device
     return Message(inventory_content(clients, counts, data.n_users, data.n_items), reply_to=msg)
 
 

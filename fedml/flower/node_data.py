@@ -21,8 +21,23 @@ INVENTORY = "inventory"
 METRICS = "metrics"
 
 
-def save_user_items(path: str | Path, data: UserItems) -> Path:
-    """Write shoppers' positives as a node's data file (``.npz``: indptr, items, n_users, n_items)."""
+def save_user_items(path: str | Path, data: UserItems, shoppers: np.ndarray | None = None) -> Path:
+    """Write shoppers' positives as a node's data file (``.npz``: indptr, items, n_users, n_items).
+
+    ``shoppers`` (global indices): keep only their rows (a device's file); the others are written
+    empty, so the file keeps the population's size and the shoppers their global indices.
+    """
+    if shoppers is not None:
+        keep = np.zeros(data.n_users, dtype=bool)
+        keep[np.asarray(shoppers, dtype=np.int64)] = True
+        counts = np.where(keep, np.diff(data.indptr), 0)
+        rows = np.repeat(keep, np.diff(data.indptr))
+        data = UserItems(
+            indptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            items=data.items[rows],
+            n_users=data.n_users,
+            n_items=data.n_items,
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as handle:

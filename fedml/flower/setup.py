@@ -8,8 +8,10 @@ import numpy as np
 import torch
 
 from fedml.config import RunConfig
-from fedml.federated.aggregation import DPFedAvg, FedAvg
+from fedml.federated.aggregation import DPFedAvg
 from fedml.federated.client import LocalTraining
+from fedml.federated.robust import check_dp_compatible, federated_aggregator
+from fedml.federated.rounds import Aggregator
 from fedml.federated.server_optim import ServerOptimizer, server_optimizer
 from fedml.privacy.accountant import SubsampledGaussianAccountant
 from fedml.privacy.secure_noise import SecureNoise
@@ -20,7 +22,7 @@ from fedml.training import FEDAVG_MECHANISM
 @dataclass
 class FederatedSetup:
     local: LocalTraining
-    aggregator: DPFedAvg | FedAvg
+    aggregator: Aggregator  # DP-FedAvg, FedAvg or a robust aggregator (federated.aggregation)
     accountant: SubsampledGaussianAccountant | None
     optimizer: ServerOptimizer
 
@@ -37,10 +39,10 @@ def federated_setup(config: RunConfig, counts: np.ndarray) -> FederatedSetup:
         fold_in_l2=config.model.fold_in_l2,
         init_iterations=fed.client_init_iterations,
     )
-    aggregator: DPFedAvg | FedAvg = FedAvg()
     accountant = None
     if dp.enabled:
-        aggregator = DPFedAvg.for_population(
+        check_dp_compatible(fed.aggregation, fed.norm_bound)
+        aggregator: Aggregator = DPFedAvg.for_population(
             counts,
             fed.client_rate,
             clip_norm=dp.clip_norm,
@@ -51,6 +53,8 @@ def federated_setup(config: RunConfig, counts: np.ndarray) -> FederatedSetup:
             else torch.Generator().manual_seed(config.training.seed + 1),
         )
         accountant = SubsampledGaussianAccountant(dp.noise_multiplier, fed.client_rate, privacy.accountant)
+    else:
+        aggregator = federated_aggregator(fed.aggregation, fed.trim_fraction, fed.norm_bound)
     optimizer = server_optimizer(
         fed.server_optimizer, fed.server_lr, beta1=fed.server_beta1, beta2=fed.server_beta2, tau=fed.server_tau
     )
