@@ -1,15 +1,25 @@
 """A shop's own event log, from CSV (optionally gzipped) or Parquet, read as it is.
 
-This step only reads: CSV cells stay strings (empty cells NaN) and no row is dropped or coerced,
+This step only reads: CSV cells stay strings (only empty cells are NaN: "NA" or "null" stay text,
+and validation decides what is missing, as it does for Parquet) and no row is dropped or coerced,
 so that validation can coerce the types and quarantine bad rows one by one, and raise a
-SchemaError for a missing column. What it completes: a file with ``rating`` but no ``event``
-column gets ``event = "rating"``, one with ``event`` but no ``rating`` gets ``rating = NaN``.
-A file that cannot be read at all raises :class:`DataSourceError`.
+SchemaError for a missing column. A blank line is not a row. What it completes: a file with
+``rating`` but no ``event`` column gets ``event = "rating"``, one with ``event`` but no ``rating``
+gets ``rating = NaN``.
+
+A file that cannot be read at all raises :class:`DataSourceError` naming the file (and the line
+when known): binary content, text that is not UTF-8 (UTF-16 and UTF-32 are named), an empty file, a
+repeated column name in the header, or a row with more fields than the header (pandas would
+otherwise take the first column as the index and shift every name by one).
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import gzip
+import io
+import warnings
 import zlib
 from pathlib import Path
 from typing import BinaryIO
@@ -18,16 +28,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from fedml.data.errors import DataSourceError
 from fedml.data.schema import EVENT, RATING
 
 CSV_SUFFIXES: tuple[str, ...] = (".csv", ".csv.gz")
 PARQUET_SUFFIXES: tuple[str, ...] = (".parquet", ".pq")
 _SNIFF_BYTES = 64 * 1024
 _PARQUET_MAGIC = b"PAR1"
-
-
-class DataSourceError(ValueError):
-    """A data file cannot be read at all; the message names the file, and the line when known."""
+_WIDE_BOMS = {  # longest first: the UTF-32 LE mark starts with the UTF-16 LE one
+    codecs.BOM_UTF32_LE: "UTF-32",
+    codecs.BOM_UTF32_BE: "UTF-32",
+    codecs.BOM_UTF16_LE: "UTF-16",
+    codecs.BOM_UTF16_BE: "UTF-16",
+}
 
 
 def load_events(path: str | Path) -> pd.DataFrame:
@@ -54,17 +67,55 @@ def _open_raw(path: Path) -> BinaryIO:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    return read_csv_text(path, na_values=("",))
+
+
+def read_csv_text(path: Path, na_values: tuple[str, ...]) -> pd.DataFrame:
+    """A UTF-8 CSV file (optionally gzipped) as strings; only ``na_values`` cells are NaN.
+
+    Raises :class:`DataSourceError` naming the file (and the line when known) for anything that is
+    not such a file, a header that repeats a name, or a row longer than the header.
+    """
     _sniff_csv(path)
+    kwargs: dict = {"dtype": str, "keep_default_na": False, "na_values": list(na_values), "encoding": "utf-8"}
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=True, encoding="utf-8")
+        with warnings.catch_warnings():
+            # index_col=False: a row longer than the header must not turn the first column into the index;
+            # pandas then only warns that it drops the extra fields, and that warning is an error here
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, index_col=False, **kwargs)
+            header = pd.read_csv(path, header=None, nrows=1, index_col=False, **kwargs).iloc[0].tolist()
     except UnicodeDecodeError as exc:
         raise DataSourceError(f"{path}: line {_first_non_utf8_line(path)}: not UTF-8 text") from exc
     except pd.errors.EmptyDataError as exc:
         raise DataSourceError(f"{path}: empty file (no header row)") from exc
+    except pd.errors.ParserWarning as exc:
+        line, fields, width = _first_long_row(path)
+        raise DataSourceError(f"{path}: line {line}: {fields} fields, but the header has {width}") from exc
     except pd.errors.ParserError as exc:  # pandas' message names the line
         raise DataSourceError(f"{path}: not a readable CSV file: {str(exc).strip()}") from exc
     except (OSError, EOFError, zlib.error) as exc:  # a broken gzip stream
         raise DataSourceError(f"{path}: cannot read: {exc}") from exc
+    _refuse_repeated_names(path, ["" if pd.isna(name) else str(name) for name in header], "line 1: the header")
+    return frame
+
+
+def _refuse_repeated_names(path: Path, names: list[str], where: str) -> None:
+    repeated = sorted({name for name in names if name and names.count(name) > 1})  # blanks: 'Unnamed: n'
+    if repeated:
+        shown = ", ".join(repr(name) for name in repeated)
+        raise DataSourceError(f"{path}: {where} names column(s) {shown} more than once")
+
+
+def _first_long_row(path: Path) -> tuple[int, int, int]:
+    """(line, fields, header fields) of the first row longer than the header, as the csv module reads it."""
+    with _open_raw(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
+        reader = csv.reader(text)
+        width = len(next(reader, []))
+        for row in reader:
+            if len(row) > width:
+                return reader.line_num, len(row), width
+    return 2, width + 1, width  # pragma: no cover - pandas and the csv module disagree on the file
 
 
 def _sniff_csv(path: Path) -> None:
@@ -76,6 +127,9 @@ def _sniff_csv(path: Path) -> None:
         raise DataSourceError(f"{path}: cannot read: {exc}") from exc
     if head.startswith(_PARQUET_MAGIC):
         raise DataSourceError(f"{path}: a Parquet file, not CSV; name it {PARQUET_SUFFIXES[0]}")
+    wide = next((name for bom, name in _WIDE_BOMS.items() if head.startswith(bom)), None)
+    if wide is not None:
+        raise DataSourceError(f"{path}: line 1: {wide} text (byte-order mark); save the file as UTF-8")
     nul = head.find(b"\x00")
     if nul >= 0:
         line = head.count(b"\n", 0, nul) + 1
@@ -93,9 +147,15 @@ def _first_non_utf8_line(path: Path) -> int:
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
     try:
+        names = pq.read_schema(path).names
+        _refuse_repeated_names(path, names, "the Parquet schema")
         return pd.read_parquet(path)
     except (pa.ArrowException, OSError, ValueError) as exc:
+        if isinstance(exc, DataSourceError):
+            raise
         raise DataSourceError(f"{path}: not a readable Parquet file: {exc}") from exc
 
 
@@ -107,4 +167,4 @@ def _complete_event_rating(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-__all__ = ["DataSourceError", "load_events", "CSV_SUFFIXES", "PARQUET_SUFFIXES"]
+__all__ = ["DataSourceError", "load_events", "read_csv_text", "CSV_SUFFIXES", "PARQUET_SUFFIXES"]

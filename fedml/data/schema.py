@@ -26,5 +26,9 @@ REQUIRED_COLUMNS: tuple[str, ...] = (USER, ITEM, EVENT, RATING, TIMESTAMP)
 #: Implicit events of a shop funnel, and "rating" for explicit feedback.
 EVENT_TYPES: tuple[str, ...] = ("view", "cart", "purchase", "favourite", "rating")
 
+#: Largest Unix time (in seconds, either sign) a reader or validation accepts: beyond it a number is not a
+#: time, and as nanoseconds it would overflow int64.
+MAX_ABS_SECONDS = 1e15
+
 #: Column added to quarantined rows: the expectation(s) each row failed.
 QUARANTINE_REASON = "quarantine_reason"

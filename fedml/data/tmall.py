@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedml.data.errors import DataSourceError
+from fedml.data.events import read_csv_text
 from fedml.data.schema import EVENT, ITEM, RATING, TIMESTAMP, USER
 
 DATA_FILE = "t_alibaba_data.csv"
@@ -24,16 +26,17 @@ _COLUMNS = ["user_id", "brand_id", "type", "visit_datetime"]
 def load_tmall(path: str | Path) -> pd.DataFrame:
     """Read the log (``path`` is the file or its folder); ids stay strings, ``rating`` is NaN.
 
-    Raises FileNotFoundError when the file is missing and ValueError naming the file and line when
-    the header differs, a ``type`` is unknown or a date is not ``M-D``.
+    Raises FileNotFoundError when the file is missing and :class:`DataSourceError` (a ValueError)
+    naming the file and line when it is not UTF-8 CSV text, the header differs, a row is longer than
+    the header, a ``type`` is unknown or a date is not ``M-D``.
     """
     path = Path(path)
     file = path / DATA_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"Tmall log not found: {file}")
-    raw = pd.read_csv(file, dtype=str, keep_default_na=False)
+    raw = read_csv_text(file, na_values=())
     if list(raw.columns) != _COLUMNS:
-        raise ValueError(f"{file}: expected header {','.join(_COLUMNS)}, got {','.join(raw.columns)}")
+        raise DataSourceError(f"{file}: expected header {','.join(_COLUMNS)}, got {','.join(raw.columns)}")
     events = raw["type"].map(EVENTS)
     _fail_at(file, events.isna().to_numpy(), "type", raw["type"])
     dates = pd.to_datetime(f"{YEAR}-" + raw["visit_datetime"], format="%Y-%m-%d", errors="coerce", utc=True)
@@ -52,7 +55,7 @@ def load_tmall(path: str | Path) -> pd.DataFrame:
 def _fail_at(file: Path, bad: np.ndarray, column: str, values: pd.Series) -> None:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{file}: line {row + 2}: {column} {values.iloc[row]!r} is not valid")
+        raise DataSourceError(f"{file}: line {row + 2}: {column} {values.iloc[row]!r} is not valid")
 
 
 __all__ = ["load_tmall", "DATA_FILE", "EVENTS", "YEAR"]

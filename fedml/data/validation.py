@@ -19,10 +19,14 @@ Both suites are kept in ``expectations/`` in GX's own suite serialisation
 Row failures come from GX itself (``result_format="COMPLETE"`` gives ``unexpected_index_list`` on a
 frame with a clean RangeIndex). pandas is only used to coerce types and to derive the count column.
 
-* Coercion: ids and event are stripped strings ("" is null, event lower-cased), rating a float,
+* Coercion: ids and event are stripped strings (event lower-cased), rating a float,
   timestamp int64 Unix seconds (ints, numeric strings, ISO-8601 strings, datetimes; naive times are
-  UTC). An unparseable value quarantines its row with a ``type: ...`` reason (an unparseable
-  timestamp also fails the not-null expectation, as it is null after coercion).
+  UTC). In every column a blank cell or a null word (``NA``, ``null``, ``None``, ``nan``, ``#N/A``,
+  ... any case: pandas' CSV null words) is null, so a CSV file and a Parquet file with the same text
+  give the same result, and rows with a "NULL" shopper are not merged into one shopper. An
+  unparseable value quarantines its row with a ``type: ...`` reason (an unparseable timestamp also
+  fails the not-null expectation, as it is null after coercion).
+* A table with a repeated column name is a schema breach (which column would be the shopper?).
 * Duplicates: GX flags every row of a repeated key; the first occurrence (input order) is kept and
   only the later repeats are quarantined.
 * Empty input with the required columns is valid: nothing kept, nothing quarantined, ``passed`` is
@@ -47,7 +51,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedml.data.schema import EVENT, ITEM, QUARANTINE_REASON, RATING, REQUIRED_COLUMNS, TIMESTAMP, USER
+from fedml.data.schema import (
+    EVENT,
+    ITEM,
+    MAX_ABS_SECONDS,
+    QUARANTINE_REASON,
+    RATING,
+    REQUIRED_COLUMNS,
+    TIMESTAMP,
+    USER,
+)
 from fedml.files import atomic_write, atomic_write_text
 
 SCHEMA_SUITE_FILE = "interactions_schema.json"
@@ -59,8 +72,11 @@ SURVIVORS_STAGE = "survivors"
 NOW_PARAMETER = "now"
 
 _STRING_COLUMNS = (USER, ITEM, EVENT)
-_MISSING_TOKENS = frozenset({"", "nan", "na", "n/a", "null", "none", "nat"})
-_MAX_ABS_SECONDS = 1e15  # beyond this a number is not a Unix time (and would overflow int64 ns)
+#: Null words, compared lower-cased: pandas' CSV defaults (pandas._libs.parsers.STR_NA_VALUES) and "nat".
+_MISSING_TOKENS = frozenset(
+    {"", "#n/a", "#n/a n/a", "#na", "-1.#ind", "-1.#qnan", "-nan", "1.#ind", "1.#qnan", "<na>", "n/a", "na"}
+    | {"nan", "null", "none", "nat"}
+)
 _UNIQUENESS = frozenset({"expect_compound_columns_to_be_unique", "expect_column_values_to_be_unique"})
 _RESULT_FORMAT = {"result_format": "COMPLETE", "return_unexpected_index_query": False}
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -230,7 +246,7 @@ def _clean_text(value: Any) -> Any:
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         value = int(value)
     text = str(value).strip()
-    return text if text else np.nan
+    return np.nan if text.lower() in _MISSING_TOKENS else text
 
 
 def _blank_to_nan(value: Any) -> Any:
@@ -244,10 +260,14 @@ def _blank_to_nan(value: Any) -> Any:
 
 
 def _datetimes_to_seconds(values: pd.Series) -> pd.Series:
-    """Datetimes (naive = UTC) -> float Unix seconds, floored; NaT -> NaN."""
-    stamps = pd.to_datetime(values, utc=True)
-    delta = (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    return pd.Series(delta, index=values.index).astype("float64")
+    """Datetimes (naive = UTC) -> float Unix seconds, floored; NaT -> NaN.
+
+    Any unit and year: numpy's unit cast, not a subtraction in nanoseconds, which overflowed past 2262.
+    """
+    stamps = pd.to_datetime(values, utc=True).dt.tz_convert(None).to_numpy().astype("datetime64[s]")
+    seconds = stamps.astype("int64").astype("float64")
+    seconds[np.isnat(stamps)] = np.nan
+    return pd.Series(seconds, index=values.index)
 
 
 def _one_iso_to_seconds(value: Any) -> float:
@@ -258,7 +278,7 @@ def _one_iso_to_seconds(value: Any) -> float:
     if pd.isna(stamp):
         return np.nan
     stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-    return float((stamp - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1))
+    return float(np.floor(stamp.timestamp()))  # no nanosecond subtraction: it overflows past 2262
 
 
 def _iso_to_seconds(values: pd.Series) -> pd.Series:
@@ -291,12 +311,12 @@ def coerce_timestamp(values: pd.Series) -> tuple[pd.Series, pd.Series]:
         seconds = _datetimes_to_seconds(values)
         return seconds.astype("Int64"), pd.Series(False, index=values.index)
     numbers, cleaned = _to_numbers(values)
-    numbers = numbers.where(np.isfinite(numbers) & (numbers.abs() <= _MAX_ABS_SECONDS))
+    numbers = numbers.where(np.isfinite(numbers) & (numbers.abs() <= MAX_ABS_SECONDS))
     seconds = np.floor(numbers)
     pending = cleaned.notna() & seconds.isna()
     if pending.any():
         seconds[pending] = _iso_to_seconds(cleaned[pending].astype(object)).to_numpy()
-    seconds = seconds.where(seconds.abs() <= _MAX_ABS_SECONDS)
+    seconds = seconds.where(seconds.abs() <= MAX_ABS_SECONDS)
     return seconds.astype("Int64"), cleaned.notna() & seconds.isna()
 
 
@@ -355,6 +375,12 @@ def _check_schema(typed: pd.DataFrame, suite: Any, source: str) -> list[Any]:
     if problems:
         raise SchemaError(f"{source}: {'; '.join(problems)}", source=source, missing=tuple(missing))
     return results
+
+
+def _refuse_repeated_columns(raw: pd.DataFrame, source: str) -> None:
+    repeated = sorted({str(c) for c in raw.columns[raw.columns.duplicated()]})
+    if repeated:
+        raise SchemaError(f"{source}: column(s) {', '.join(repeated)} appear more than once", source=source)
 
 
 def _row_failures(frame: pd.DataFrame, results: list[Any]) -> dict[str, list[int]]:
@@ -426,6 +452,7 @@ def validate_interactions(
     rows_data = load_suite_dict(directory / ROWS_SUITE_FILE)
     first_stage, survivor_stage = _split_stages(rows_data, min_interactions)
 
+    _refuse_repeated_columns(raw, source)
     typed, type_errors = coerce_interactions(raw)
     schema_results = _check_schema(typed, build_suite(schema_data), source)
     entries = [_entry(schema_data["name"], r, []) for r in schema_results] + _type_entries(type_errors)
