@@ -47,7 +47,9 @@ class MlflowLedger:
             page = self.client.search_runs(
                 [experiment_id], max_results=1000, page_token=token, order_by=["start_time ASC"]
             )
-            entries.extend(_entry(run) for run in page)
+            # a run whose params are not written yet is an entry being opened (or whose opener died
+            # first): it has reserved nothing yet, and the opener checks the budget only once it has
+            entries.extend(_entry(run) for run in page if "cohort" in run.data.params)
             token = page.token
             if not token:
                 return entries
@@ -79,6 +81,8 @@ class MlflowLedger:
             raise LedgerError(f"no ledger entry {entry_id!r} in experiment {self.experiment!r}") from exc
         if run.info.experiment_id != self._experiment_id(create=False):
             raise LedgerError(f"run {entry_id} is not an entry of the ledger experiment {self.experiment!r}")
+        if "cohort" not in run.data.params:
+            raise LedgerError(f"ledger entry {entry_id} was never completely opened (it has no params)")
         return _entry(run)
 
     def resume(self, entry_id: str, run_id: str, after: int) -> LedgerEntry:

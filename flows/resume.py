@@ -66,6 +66,8 @@ def find_resume_point(
     """The killed run to continue, or None and why there is none."""
     if config.training.mode != "federated":
         return None, "only federated training resumes (central DP-SGD restarts from its first epoch)"
+    if config.federated.engine == "flower":
+        return None, "the Flower engine keeps no checkpoints (its rounds run in the Flower deployment)"
     checkpoint = store.load()
     if checkpoint is None:
         return None, f"no usable checkpoint at {store.path}"

@@ -110,6 +110,7 @@ def test_a_killed_run_resumes_from_its_last_round_and_is_charged_once(pipeline_e
     at_kill = read_checkpoint(saved)
     assert at_kill.meta["run_id"] == killed_run and at_kill.meta["ledger_entry"] == open_.entry_id
     assert open_.steps_done <= at_kill.state["round"] < ROUNDS
+    print(f"killed with {open_.steps_done} of {ROUNDS} rounds reported, round {at_kill.state['round']} checkpointed")
     assert [v.version for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
     assert client.get_model_version_by_alias(MODEL, "production").version == "1"
 
@@ -152,3 +153,27 @@ def test_a_killed_run_resumes_from_its_last_round_and_is_charged_once(pipeline_e
     tags = client.get_model_version(MODEL, "2").tags
     assert float(tags["privacy.lifetime_epsilon"]) == pytest.approx(lifetime, rel=1e-9)
     assert float(tags["privacy.epsilon"]) == float(client.get_model_version(MODEL, "1").tags["privacy.epsilon"])
+
+
+def test_ledger_reads_past_an_entry_being_opened_and_resumes_only_open_entries(pipeline_env: Path) -> None:
+    from fedml.privacy.ledger import Charge, LedgerError
+
+    ledger = _ledger()
+    cohort = "resume-ledger-unit"
+    done = ledger.open(cohort, "user", Charge("dp-fedavg", SIGMA, Q, 5), "run-a")
+    ledger.close(done.entry_id, "finished", 5)
+    # an opener caught between creating its run and writing its params (or killed there)
+    half = ledger.client.create_run(ledger._experiment_id(create=True), tags={"ledger.status": "open"})
+    assert [e.entry_id for e in ledger.entries() if e.cohort == cohort] == [done.entry_id]
+    with pytest.raises(LedgerError, match="never completely opened"):
+        ledger.entry(half.info.run_id)
+    with pytest.raises(LedgerError, match="is finished, not open"):
+        ledger.resume(done.entry_id, "run-a", after=3)
+
+    killed = ledger.open(cohort, "user", Charge("dp-fedavg", SIGMA, Q, 5), "run-b")
+    ledger.progress(killed.entry_id, 2)
+    with pytest.raises(LedgerError, match="belongs to training run run-b"):
+        ledger.resume(killed.entry_id, "run-c", after=2)
+    resumed = ledger.resume(killed.entry_id, "run-b", after=2)
+    assert resumed.status == "open" and resumed.steps_done == 2
+    assert ledger.client.get_run(killed.entry_id).data.tags["ledger.resumed"] == "1"
