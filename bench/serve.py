@@ -226,14 +226,17 @@ def machine() -> dict:
 
 
 def serve_and_load(model_dir: Path, recommender, sessions: list[list[str]], workers: int, concurrency: int,
-                   args: argparse.Namespace, log: Path) -> dict:  # fmt: skip
-    """Start the service on ``model_dir``, check a few answers, warm up, then the measured load."""
+                   args: argparse.Namespace, log: Path, compute_threads: int | None = None) -> dict:  # fmt: skip
+    """Start the service on ``model_dir``, check a few answers, warm up, then the measured load.
+
+    ``compute_threads`` per worker; None: ``args.compute_threads``."""
+    threads = args.compute_threads if compute_threads is None else compute_threads
     bodies = [json.dumps({"items": items, "k": args.k}).encode() for items in sessions]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "fedml.serving", "--model-dir", str(model_dir), "--port", str(port),
                "--workers", str(workers), "--max-batch", str(args.max_batch),
-               "--compute-threads", str(args.compute_threads)]  # fmt: skip
+               "--compute-threads", str(threads)]  # fmt: skip
     if args.batch_wait_ms is not None:
         command += ["--batch-wait-ms", str(args.batch_wait_ms)]
     with log.open("w") as handle:
@@ -248,7 +251,8 @@ def serve_and_load(model_dir: Path, recommender, sessions: list[list[str]], work
     finally:
         process.terminate()
         process.wait(timeout=30)
-    return {"server_workers": workers, "concurrency": concurrency, **outcome, **agree, "cpu": cpu}
+    return {"server_workers": workers, "compute_threads": threads, "concurrency": concurrency, **outcome, **agree,
+            "cpu": cpu}  # fmt: skip
 
 
 def hot_path(recommender, sessions: list[list[str]], k: int) -> dict[str, float]:
@@ -280,10 +284,11 @@ def run(args: argparse.Namespace) -> dict:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = recommender.save(Path(tmp) / "model")
-        for workers in args.workers:
+        for workers, threads in args.workers:
+            threads = args.compute_threads if threads is None else threads
             for concurrency in args.concurrency:
-                log = Path(tmp) / f"serve-{workers}-{concurrency}.log"
-                outcome = serve_and_load(model_dir, recommender, sessions, workers, concurrency, args, log)
+                log = Path(tmp) / f"serve-{workers}x{threads}-{concurrency}.log"
+                outcome = serve_and_load(model_dir, recommender, sessions, workers, concurrency, args, log, threads)
                 results.append(outcome)
                 print(json.dumps(outcome), flush=True)
         # the same service and load on a 1,000-item catalogue: what HTTP and batching cost without the big fold-in
@@ -327,6 +332,18 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def layout(text: str) -> tuple[int, int | None]:
+    """``"2"``: two server processes (``--compute-threads`` each); ``"1x2"``: one process of two compute threads."""
+    workers, _, threads = text.partition("x")
+    try:
+        numbers = int(workers), int(threads) if threads else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected W or WxT (whole numbers), got {text!r}") from None
+    if min(n for n in numbers if n is not None) < 1:
+        raise argparse.ArgumentTypeError(f"workers and threads must be >= 1, got {text!r}")
+    return numbers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=50_000)
@@ -336,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="per run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--workers", type=int, nargs="+", default=[2], help="server processes")
+    parser.add_argument("--workers", type=layout, nargs="+", default=[layout("2")],
+                        help="server layouts: W processes, or WxT: W processes of T compute threads each "
+                        "(default: 2, with --compute-threads each)")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--compute-threads", type=int, default=1, help="batches computed at once per worker")
     parser.add_argument("--batch-wait-ms", type=float, help="the service's --batch-wait-ms (default: the service's)")
@@ -350,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     head = report["headline"]
     print(f"{head['throughput_rps']:.0f} req/s, p50 {head['latency_ms']['p50']} ms, p99 {head['latency_ms']['p99']} ms, "
-          f"{head['errors']} errors ({head['server_workers']} workers, {head['concurrency']} in flight) -> {args.out}")  # fmt: skip
+          f"{head['errors']} errors ({head['server_workers']} workers x {head['compute_threads']} compute threads, "
+          f"{head['concurrency']} in flight) -> {args.out}")  # fmt: skip
     return 0
 
 
