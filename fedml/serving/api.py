@@ -90,6 +90,34 @@ class VersionInfo(BaseModel):
     reload_error: str | None = Field(description="why the last reload failed (the old model kept serving)")
 
 
+class ErrorDetail(BaseModel):
+    detail: str = Field(description="what was wrong, in words")
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="where, e.g. body.k or query.limit")
+    message: str
+
+
+class InvalidRequest(BaseModel):
+    """The 422 answer (see ``_validation_error``); it replaces FastAPI's default schema, which it does not match."""
+
+    detail: str = Field(description="invalid request: each bad field with what is wrong")
+    errors: list[FieldProblem]
+
+
+INVALID_REQUEST = {422: {"model": InvalidRequest, "description": "the request is not valid; each bad field is named"}}
+
+#: The error answers of POST /recommend, declared in the OpenAPI schema (tests/test_serving_schemathesis.py).
+RECOMMEND_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorDetail, "description": "the body cannot be parsed at all (e.g. it is not UTF-8 text)"},
+    401: {"model": ErrorDetail, "description": "a bearer token is required and was not given, or is wrong"},
+    413: {"model": ErrorDetail, "description": "the body is over the size limit (with or without Content-Length)"},
+    **INVALID_REQUEST,
+    503: {"model": ErrorDetail, "description": "no model is loaded yet"},
+}
+
+
 def _request_model(settings: ServiceSettings) -> type[BaseModel]:
     item_id = Annotated[str, StringConstraints(min_length=1, max_length=settings.max_item_id_length)]
     return create_model(
@@ -133,7 +161,7 @@ class MicroBatcher:
         self._in_flight = 0
         self._expected = 1  # the next batch's expected size
         self._timer: asyncio.TimerHandle | None = None
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="recommend")
+        self._executor: ThreadPoolExecutor | None = None  # made on first use, and again after close()
 
     async def submit(self, request: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
@@ -162,6 +190,8 @@ class MicroBatcher:
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
         try:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="recommend")
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.compute, [r for r, _ in batch]
             )
@@ -179,9 +209,13 @@ class MicroBatcher:
             self._start_batches()
 
     def close(self) -> None:
+        """Stop the compute threads; a later request starts new ones (the app's lifespan may run again)."""
         if self._timer is not None:
             self._timer.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+            self._timer = None
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------ app
@@ -244,7 +278,7 @@ def create_app(source: ModelSource, settings: ServiceSettings | None = None) -> 
         return slot.model
 
     @app.post("/recommend", response_model=RecommendResponse, dependencies=[Depends(authorised)],
-              responses={401: {}, 413: {}, 422: {}, 503: {}})  # fmt: skip
+              responses=RECOMMEND_ERRORS)  # fmt: skip
     async def recommend(body: RecommendRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         """Top-k items for a shopper given by recent items; unknown ids are reported, not fatal."""
         serving_model()
@@ -261,7 +295,7 @@ def create_app(source: ModelSource, settings: ServiceSettings | None = None) -> 
             "model": {"name": model.name, "version": model.version},
         }
 
-    @app.get("/items", response_model=ItemsPage)
+    @app.get("/items", response_model=ItemsPage, responses={**INVALID_REQUEST, 503: RECOMMEND_ERRORS[503]})
     def items(
         q: Annotated[str, Query(max_length=settings.max_item_id_length, description="case-insensitive substring")] = "",
         offset: Annotated[int, Query(ge=0)] = 0,
@@ -278,7 +312,7 @@ def create_app(source: ModelSource, settings: ServiceSettings | None = None) -> 
         """The process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {}})
+    @app.get("/readyz", responses={503: RECOMMEND_ERRORS[503]})
     def readyz() -> dict[str, str]:
         """A model is loaded (503 otherwise)."""
         model = serving_model()
