@@ -352,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--requests", type=int, default=20_000, help="per run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--workers", type=layout, nargs="+", default=[layout("2")],
-                        help="server layouts: W processes, or WxT: W processes of T compute threads each "
-                        "(default: 2, with --compute-threads each)")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 12, 16])
+    parser.add_argument("--workers", type=layout, nargs="+", default=[layout("2"), layout("1x2")],
+                        help="server layouts: W processes (of --compute-threads each), or WxT: W processes of T "
+                        "compute threads each (default: 2 1x2)")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--compute-threads", type=int, default=1, help="batches computed at once per worker")
     parser.add_argument("--batch-wait-ms", type=float, help="the service's --batch-wait-ms (default: the service's)")
