@@ -135,3 +135,22 @@ def test_ease_rejects_adam_and_dp_sgd() -> None:
         train_model(data, load_config(None, [*EASE, "training.mode=central", "privacy.dp_sgd.enabled=true"]))
     with pytest.raises(ValueError, match="ease_l2"):
         ease_weights(torch.eye(3), 0.0)
+
+
+def test_the_canary_audit_reads_an_ease_run_and_stays_below_the_claim() -> None:
+    """Canaries (one dedicated item each) raise their item's count in the Gram table: the audit sees them
+    through the table's bias, finds a positive lower bound that the accountant's epsilon covers, and
+    the published table holds the real catalogue only."""
+    from fedml.training import plant_audit_canaries
+
+    data, _ = clustered_shop(n_users=40, n_items=16, clusters=2, per_user=4)
+    config = load_config(None, [
+        "model.kind=ease", "federated.rounds=1", "federated.client_rate=1.0", "federated.server_lr=1.0",
+        "privacy.dp_fedavg.noise_multiplier=0.3", "privacy.dp_fedavg.clip_norm=1.0",
+        "privacy.dp_fedavg.weight_cap=1.0", "privacy.audit.canaries=200",
+    ])  # fmt: skip
+    planted, canaries = plant_audit_canaries(data, config)
+    outcome = train_model(planted, config, canaries=canaries)
+    assert outcome.table.kind == "ease" and outcome.table.n_items == data.n_items
+    assert outcome.audit is not None and outcome.central is not None
+    assert 0 < outcome.audit.epsilon_lower_bound <= outcome.central.epsilon

@@ -74,8 +74,12 @@ def ease_weights(gram: torch.Tensor, l2: float) -> torch.Tensor:
 
 
 def ease_table(gram_table: ItemTable, l2: float) -> ItemTable:
-    """The published table of a trained Gram table: ``embeddings = B^T`` (float32), ``bias = 0``."""
-    b = ease_weights(gram_table.embeddings, l2)
+    """The published table of a trained Gram table: ``embeddings = B^T`` (float32), ``bias = 0``.
+
+    A table cut to its first rows (:func:`fedml.privacy.audit.strip_canaries` drops the canary items) keeps
+    as many columns: the Gram matrix of those items.
+    """
+    b = ease_weights(gram_table.embeddings[:, : gram_table.n_items], l2)
     return ItemTable(b.T.contiguous().float(), torch.zeros(gram_table.n_items), KIND)
 
 
