@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from fedml.gate import Candidate, GateDecision
 from fedml.privacy.statement import PrivacyStatement
+from fedml.redaction import redacted  # noqa: F401  (re-exported: tracking.redacted)
 from fedml.serving.recommender import Recommender
 from flows._env import STATE_DIR
 
@@ -37,18 +38,6 @@ NO_PRIVACY_TAGS = {
 def tracking_uri() -> str:
     """The tracking URI in force: the environment's, else the embedded local store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{STATE_DIR / 'mlflow.db'}"
-
-
-def redacted(uri: str) -> str:
-    """``uri`` without a password (``https://user:secret@host`` -> ``https://user:***@host``), for printing."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def local_artifact_root() -> str | None:

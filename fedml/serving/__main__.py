@@ -21,6 +21,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
+from fedml.redaction import redacted  # noqa: E402
 from fedml.serving.api import ServiceSettings  # noqa: E402
 
 CONFIG_ENV = "FEDML_SERVE_CONFIG"  # how the options reach each worker process
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per reload in the log
-    source = args.model_dir or f"models:/{args.model}@{args.alias} at {os.environ['MLFLOW_TRACKING_URI']}"
+    source = args.model_dir or f"models:/{args.model}@{args.alias} at {redacted(os.environ['MLFLOW_TRACKING_URI'])}"
     print(f"serving {source} on http://{args.host}:{args.port} ({args.workers} worker(s))", file=sys.stderr, flush=True)
     if args.workers > 1:
         _serve_with_gunicorn(args)

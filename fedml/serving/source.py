@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from fedml.redaction import redact_text
 from fedml.serving.recommender import Recommender, ServingIndex
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class ModelSlot:
             logger.info("serving %s version %s", loaded.name, loaded.version)
             return True
         except Exception as exc:  # any failure keeps the old model serving
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error = redact_text(f"{type(exc).__name__}: {exc}")  # MLflow's errors hold the URL
             logger.warning("model refresh failed, still serving %s: %s", self.served_version, self.last_error)
             return False
         finally:
