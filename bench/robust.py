@@ -1,7 +1,9 @@
 """Poisoned-clients benchmark: HR@10 with 10% of each round's clients attacking, with and without the defence.
 
 ``make bench-robust`` (or ``python -m bench.robust [--quick] [--datasets synthetic movielens]``) writes
-``bench/results/robust.json`` (``--quick``: ``bench/results/robust-quick.json``). Per data set
+``bench/results/robust.json`` (``--quick``: ``bench/results/robust-quick.json``); the default data set is
+the synthetic shop of ``configs/default.toml``, MovieLens 100K is opt-in (``BENCH_ARGS="--datasets
+movielens --output bench/results/robust-movielens.json"``). Per data set
 (``configs/<name>.toml``, trained without DP, as :mod:`bench.quality` trains it), nine runs:
 
 * attacks: ``clean``; ``scale`` (each round, 10% of the clients upload ``factor`` times their update);
@@ -101,7 +103,8 @@ def run_dataset(name: str, overrides: list[str], args: argparse.Namespace) -> di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["synthetic"],
+                        help="movielens: MovieLens 100K, every shopper every round (slow: ~15 CPU minutes)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a small synthetic shop only, 10 rounds")
     parser.add_argument("--fraction", type=float, default=0.1, help="share of each round's clients attacking")
     parser.add_argument("--scale-factor", type=float, default=100.0, help="scale attack: upload factor x update")
