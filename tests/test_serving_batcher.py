@@ -94,3 +94,36 @@ def test_a_full_queue_starts_a_batch_without_waiting():
 
     asyncio.run(run())
     assert batches == [1, 4, 4]
+
+
+def test_free_threads_share_the_waiting_requests():
+    import threading
+
+    batches: list[list[int]] = []
+    gate = threading.Event()
+
+    def compute(requests: list[int]) -> list[int]:
+        batches.append(list(requests))
+        gate.wait(5)
+        return requests
+
+    async def run() -> None:
+        batcher = MicroBatcher(compute, max_batch=32, threads=2, max_wait=10.0)
+        try:
+            first = [asyncio.create_task(batcher.submit(r)) for r in range(8)]  # r0 and r1 start at once, 6 queue
+            await asyncio.sleep(0.05)
+            assert batches == [[0], [1]]
+            gate.set()
+            await asyncio.gather(*first[:2])
+            await asyncio.sleep(0.05)  # both threads free: each expects 1 + 6 back, 6 wait
+            assert len(batches) == 2
+            second = asyncio.create_task(batcher.submit(8))  # 7 waiting: the first free thread takes its half
+            await asyncio.sleep(0.05)
+            assert batches[2] == [2, 3, 4, 5]
+            await asyncio.wait_for(asyncio.gather(*first[2:6]), 5)
+            assert all(not t.done() for t in first[6:])  # the rest wait to fill the other thread's batch
+            second.cancel()
+        finally:
+            batcher.close()
+
+    asyncio.run(run())

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -146,8 +147,9 @@ class MicroBatcher:
     batches fall into a lopsided rhythm under such load: while one batch is computed the requests of
     the previous one come back and form the next, so batches alternate between a few stragglers and
     almost everyone (50,000 items, 8 in flight: batches of 1 and 7 alternated), and a small batch
-    costs nearly as much as a large one. After a wait that timed out the next batch starts at once; a
+    costs nearly as much as a large one. After a wait that timed out, it expects as many as came; a
     quiet service (last batch one request, none waiting) never waits; ``max_wait = 0`` never waits.
+    Free threads share the waiting requests evenly.
     """
 
     def __init__(
@@ -176,7 +178,9 @@ class MicroBatcher:
                 if self._timer is None:  # the wait starts when a thread is free and finds too few
                     self._timer = loop.call_later(self.max_wait, self._waited)
                 return
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            # a share for each free thread (all for the last one); the next share must fill up again
+            size = min(self.max_batch, math.ceil(len(self._pending) / (self.threads - self._in_flight)))
+            batch, self._pending = self._pending[:size], self._pending[size:]
             self._in_flight += 1
             loop.create_task(self._run(batch))
         if self._timer is not None:
@@ -185,7 +189,7 @@ class MicroBatcher:
 
     def _waited(self) -> None:
         self._timer = None
-        self._expected = 1  # they did not come back: the next batch starts at once
+        self._expected = max(1, len(self._pending))  # fewer came back: expect as many as did
         self._start_batches(waited=True)
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
