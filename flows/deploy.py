@@ -30,8 +30,18 @@ DEFAULT_CONFIG = "configs/default.toml"  # what `make run` trains, relative to t
 
 
 def parameters(config_file: str | None = None, overrides: list[str] | None = None, policy_file: str | None = None):
-    """The flow's parameters as a deployment stores them (the arguments of ``training_pipeline``)."""
-    return {"config_file": config_file, "overrides": list(overrides or []), "policy_file": policy_file}
+    """The flow's parameters as a deployment stores them (the arguments of ``training_pipeline``).
+
+    Scheduled runs resume: a run killed mid-training (its checkpoint intact, its ledger entry open,
+    its process gone) is continued by the next scheduled run of the same configuration and data,
+    which then spends only the rounds that are left; with nothing to resume a run starts afresh.
+    """
+    return {
+        "config_file": config_file,
+        "overrides": list(overrides or []),
+        "policy_file": policy_file,
+        "resume": True,
+    }
 
 
 def ensure_work_pool(name: str = WORK_POOL) -> None:
@@ -76,6 +86,7 @@ def deploy(
         schedules=[Cron(cron, timezone=timezone)],
         parameters=flow_parameters or parameters(),
         job_variables={"working_dir": str(Path(workdir).resolve())},
+        concurrency_limit=1,  # one run at a time: a resuming run never continues one still training
         entrypoint_type=EntrypointType.MODULE_PATH,  # the installed package: no image, no code upload
         description="Scheduled retraining of the shopping guide: validate, train with privacy, register, gate.",
         tags=["fedml", "retraining"],

@@ -91,7 +91,13 @@ def test_triggered_deployment_runs_on_a_worker_and_registers_a_new_version(
         assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == [
             ("0 2 * * *", "UTC", True)
         ]
-        assert deployment.parameters == {"config_file": None, "overrides": overrides, "policy_file": "lenient.toml"}
+        assert deployment.parameters == {
+            "config_file": None,
+            "overrides": overrides,
+            "policy_file": "lenient.toml",
+            "resume": True,
+        }
+        assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
         assert deployment.job_variables["working_dir"] == str(workdir.resolve())
         assert not mlflow.search_model_versions(f"name='{model}'")
 
