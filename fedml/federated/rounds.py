@@ -41,6 +41,7 @@ from fedml.models.mf import ItemTable
 from fedml.threads import single_thread
 
 Engine = Literal["reference", "batched"]
+ENGINES: tuple[str, ...] = ("reference", "batched")
 
 
 class Aggregator(Protocol):
@@ -102,6 +103,8 @@ class ShardResult:
 
 def run_shard(shard: Shard) -> ShardResult:
     """Train a shard's clients and accumulate their scaled deltas (runs on a worker)."""
+    if shard.engine not in ENGINES:
+        raise ValueError(f"unknown federated engine {shard.engine!r} for a shard: expected one of {list(ENGINES)}")
     table, n_items, dim = shard.table.to(shard.device), shard.table.n_items, shard.table.dim
     if shard.local.model == EASE:  # no local training, nothing to batch: each upload is built as it is added
         uploads = GramUploads(shard.positives, n_items)
@@ -184,13 +187,14 @@ def train_federated(
         table, devices, reports = _restore(resume, init, rng, optimizer, noise, accountant, rounds, device)
         first = int(resume["round"]) + 1
     counts = np.asarray(data.counts())
+    user_dim = 0 if local.model == EASE else table.dim  # EASE devices keep no vector
     for round_index in range(first, rounds + 1):
         started = time.perf_counter()
         drawn = poisson_sample(data.n_users, client_rate, rng)
         sampled = drawn[counts[drawn] > 0].tolist()  # clients with something to train on
         positives = _round_positives(data, sampled)
         draws = draw_round(seed, round_index, sampled, positives, table.n_items, local.epochs, local.negatives)
-        vectors = devices.get_many(sampled, table.dim, table.embeddings.dtype, device)
+        vectors = devices.get_many(sampled, user_dim, table.embeddings.dtype, device)
         bounds = _shard_bounds(len(sampled), shards)
         results = shard_runner(
             [
