@@ -68,6 +68,9 @@ class FederatedConfig:
     shards: int = 1  # split each round's clients into this many shards (Prefect tasks)
     flower_supernodes: int = 3  # engine = flower: SuperNodes on this machine, each holding a block of shoppers
     flower_round_timeout_s: float = 300.0  # engine = flower: a round stops waiting for replies after this
+    # engine = flower with DP-FedAvg: Flower's SecAgg+, the server sees only the sum of the devices' uploads;
+    # clipping and weighting move to the devices (docs/flower.md, "Secure aggregation")
+    secure_aggregation: bool = False
     # poisoned clients (fedml.federated.robust; not with DP-FedAvg): fedavg | per-item-row trimmed_mean | median
     aggregation: Literal["fedavg", "trimmed_mean", "median"] = "fedavg"
     trim_fraction: float = 0.1  # trimmed_mean: share of each row's client weight cut from each end, in [0, 0.5)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedml.config import RunConfig
+from fedml.config import ConfigError, RunConfig
 from fedml.data.ids import IdMap
 from fedml.data.interactions import UserItems
 from fedml.data.schema import EVENT, ITEM, RATING, USER
@@ -23,7 +23,7 @@ from fedml.federated.aggregation import DPFedAvg
 from fedml.federated.client import LocalTraining
 from fedml.federated.robust import check_dp_compatible, federated_aggregator
 from fedml.federated.rounds import Aggregator, Checkpointer, RoundReport, ShardRunner, run_in_process, train_federated
-from fedml.federated.server_optim import server_optimizer
+from fedml.federated.server_optim import ServerOptimizer, server_optimizer
 from fedml.models.ease import KIND as EASE
 from fedml.models.ease import ease_table, gram_of, init_gram_table
 from fedml.models.mf import ItemTable, init_item_table
@@ -45,6 +45,7 @@ from fedml.privacy.local_dp import (
     randomized_response,
     randomized_response_statement,
 )
+from fedml.privacy.report import SECURE_AGGREGATION
 from fedml.privacy.secure_noise import SecureNoise
 from fedml.privacy.statement import PrivacyStatement, compose_pure
 
@@ -105,6 +106,9 @@ class PlannedSpend:
 
 
 FEDAVG_MECHANISM = "dp-fedavg (clipped client updates, gaussian noise on the sum, fixed denominator)"
+FEDAVG_SECAGG_MECHANISM = (
+    f"dp-fedavg ({SECURE_AGGREGATION}; capped weights, gaussian noise on the sum, fixed denominator)"
+)
 
 
 def planned_spend(data: UserItems, config: RunConfig, local_statement: PrivacyStatement | None) -> PlannedSpend:
@@ -117,7 +121,7 @@ def planned_spend(data: UserItems, config: RunConfig, local_statement: PrivacySt
     fed, privacy = config.federated, config.privacy
     if config.training.mode == "federated":
         if privacy.dp_fedavg.enabled:
-            return PlannedSpend("user", Charge(FEDAVG_MECHANISM, privacy.dp_fedavg.noise_multiplier,
+            return PlannedSpend("user", Charge(fedavg_mechanism(config), privacy.dp_fedavg.noise_multiplier,
                                                fed.client_rate, fed.rounds))  # fmt: skip
     elif privacy.dp_sgd.enabled:
         from fedml.privacy.dpsgd import MECHANISM, poisson_schedule
@@ -194,16 +198,17 @@ def train_model(
         )
     result = None
     if canaries is not None:
-        result = _audit(init, table, canaries, central, config)
+        result = audit_canaries(init, table, canaries, central, config)
         table = strip_canaries(table, canaries)
     if ease:
         table = ease_table(table, config.model.ease_l2)
     return TrainingOutcome(table, central, local_statement, rounds, losses, result)
 
 
-def _audit(
+def audit_canaries(
     init: ItemTable, trained: ItemTable, canaries: CanarySet, claim: PrivacyStatement | None, config: RunConfig
 ) -> AuditResult:
+    """The empirical audit of the central mechanism from the canaries' rows before and after training."""
     settings = config.privacy.audit
     guesses = None
     if settings.guesses == "planned":
@@ -222,6 +227,90 @@ def _check_ease(config: RunConfig) -> None:
         raise ValueError("model.kind=ease has no DP-SGD training: set privacy.dp_sgd.enabled=false")
 
 
+def local_training(config: RunConfig) -> LocalTraining:
+    """The devices' local training settings of a federated run."""
+    fed = config.federated
+    return LocalTraining(
+        epochs=fed.local_epochs,
+        lr=fed.local_lr,
+        batch_size=fed.local_batch_size,
+        negatives=fed.negatives,
+        l2=config.model.l2,
+        fold_in_l2=config.model.fold_in_l2,
+        init_iterations=fed.client_init_iterations,
+        model=config.model.kind,
+    )
+
+
+def build_aggregator(
+    config: RunConfig,
+    counts: np.ndarray,
+    *,
+    wrap: Callable[[Aggregator], Aggregator] | None = None,
+) -> Aggregator:
+    """The server's aggregator of a federated run, for a population with these per-shopper example counts.
+
+    DP-FedAvg (clipping, capped weights, noise on the sum, fixed denominator q·W) when
+    ``privacy.dp_fedavg.enabled``, else ``federated.aggregation`` (FedAvg or a robust one); ``wrap``
+    wraps it (simulations: :mod:`fedml.federated.attacks`).
+    """
+    fed, dp, privacy = config.federated, config.privacy.dp_fedavg, config.privacy
+    if dp.enabled:
+        check_dp_compatible(fed.aggregation, fed.norm_bound)
+        aggregator: Aggregator = DPFedAvg.for_population(
+            counts,
+            fed.client_rate,
+            clip_norm=dp.clip_norm,
+            noise_multiplier=dp.noise_multiplier,
+            weight_cap=dp.weight_cap,
+            generator=SecureNoise()
+            if privacy.secure_noise
+            else torch.Generator().manual_seed(config.training.seed + 1),
+        )
+    else:
+        aggregator = federated_aggregator(fed.aggregation, fed.trim_fraction, fed.norm_bound)
+    return wrap(aggregator) if wrap is not None else aggregator
+
+
+def build_accountant(config: RunConfig) -> SubsampledGaussianAccountant | None:
+    """The user-level accountant of a federated run (None without DP-FedAvg)."""
+    fed, privacy = config.federated, config.privacy
+    if not privacy.dp_fedavg.enabled:
+        return None
+    return SubsampledGaussianAccountant(privacy.dp_fedavg.noise_multiplier, fed.client_rate, privacy.accountant)
+
+
+def build_server_optimizer(config: RunConfig) -> ServerOptimizer:
+    """The server optimiser of a federated run (``federated.server_optimizer``)."""
+    fed = config.federated
+    return server_optimizer(
+        fed.server_optimizer, fed.server_lr, beta1=fed.server_beta1, beta2=fed.server_beta2, tau=fed.server_tau
+    )
+
+
+def fedavg_mechanism(config: RunConfig) -> str:
+    """How DP-FedAvg ran: with the server clipping each update, or under secure aggregation."""
+    return FEDAVG_SECAGG_MECHANISM if config.federated.secure_aggregation else FEDAVG_MECHANISM
+
+
+def federated_statement(accountant: SubsampledGaussianAccountant | None, config: RunConfig) -> PrivacyStatement | None:
+    """The user-level guarantee after the rounds ``accountant`` accounted (None without DP-FedAvg)."""
+    if accountant is None:
+        return None
+    fed, privacy = config.federated, config.privacy
+    return PrivacyStatement(
+        epsilon=accountant.epsilon(privacy.delta),
+        delta=privacy.delta,
+        unit="user",
+        mechanism=fedavg_mechanism(config),
+        accountant=f"{privacy.accountant} (opacus)",
+        sampling=f"poisson q={fed.client_rate:g}",
+        noise_multiplier=privacy.dp_fedavg.noise_multiplier,
+        sample_rate=fed.client_rate,
+        steps=accountant.steps,
+    )
+
+
 def _train_federated(
     data: UserItems,
     init: ItemTable,
@@ -233,71 +322,34 @@ def _train_federated(
     *,
     wrap_aggregator: Callable[[Aggregator], Aggregator] | None = None,
 ) -> tuple[ItemTable, PrivacyStatement | None, list[RoundReport], list[float]]:
-    fed, dp, privacy = config.federated, config.privacy.dp_fedavg, config.privacy
-    local = LocalTraining(
-        epochs=fed.local_epochs,
-        lr=fed.local_lr,
-        batch_size=fed.local_batch_size,
-        negatives=fed.negatives,
-        l2=config.model.l2,
-        fold_in_l2=config.model.fold_in_l2,
-        init_iterations=fed.client_init_iterations,
-        model=config.model.kind,
-    )
-    accountant = None
-    if dp.enabled:
-        check_dp_compatible(fed.aggregation, fed.norm_bound)
-        aggregator = DPFedAvg.for_population(
-            data.counts(),
-            fed.client_rate,
-            clip_norm=dp.clip_norm,
-            noise_multiplier=dp.noise_multiplier,
-            weight_cap=dp.weight_cap,
-            generator=SecureNoise()
-            if privacy.secure_noise
-            else torch.Generator().manual_seed(config.training.seed + 1),
+    fed = config.federated
+    if fed.secure_aggregation:
+        raise ConfigError(
+            "federated.secure_aggregation = true needs federated.engine = 'flower' (Flower's SecAgg+); "
+            f"the {fed.engine!r} simulator aggregates in the clear"
         )
-        accountant = SubsampledGaussianAccountant(dp.noise_multiplier, fed.client_rate, privacy.accountant)
-    else:
-        aggregator = federated_aggregator(fed.aggregation, fed.trim_fraction, fed.norm_bound)
-    if wrap_aggregator is not None:
-        aggregator = wrap_aggregator(aggregator)
+    accountant = build_accountant(config)
     run = train_federated(
         data,
         init,
-        local,
-        aggregator,
+        local_training(config),
+        build_aggregator(config, data.counts(), wrap=wrap_aggregator),
         rounds=fed.rounds,
         client_rate=fed.client_rate,
         server_lr=fed.server_lr,
         seed=config.training.seed,
         accountant=accountant,
-        delta=privacy.delta,
+        delta=config.privacy.delta,
         device=config.training.device,
         engine=fed.engine,
         shards=fed.shards,
         shard_runner=shard_runner,
         on_round=on_round,
-        server_optimizer=server_optimizer(
-            fed.server_optimizer, fed.server_lr, beta1=fed.server_beta1, beta2=fed.server_beta2, tau=fed.server_tau
-        ),
+        server_optimizer=build_server_optimizer(config),
         checkpoints=checkpoints,
         resume=resume,
     )
-    statement = None
-    if accountant is not None:
-        statement = PrivacyStatement(
-            epsilon=accountant.epsilon(privacy.delta),
-            delta=privacy.delta,
-            unit="user",
-            mechanism=FEDAVG_MECHANISM,
-            accountant=f"{privacy.accountant} (opacus)",
-            sampling=f"poisson q={fed.client_rate:g}",
-            noise_multiplier=dp.noise_multiplier,
-            sample_rate=fed.client_rate,
-            steps=accountant.steps,
-        )
-    return run.table, statement, run.reports, []
+    return run.table, federated_statement(accountant, config), run.reports, []
 
 
 def _train_central(

@@ -423,6 +423,7 @@ def _run_steps(
         "privacy.lifetime_budget": repr(policy.max_lifetime_epsilon),
         "privacy.ledger_entry": entry.entry_id,
         "privacy.secure_noise": str(config.privacy.secure_noise).lower(),
+        "privacy.secure_aggregation": str(report_["secure_aggregation"] is not None).lower(),
         **(outcome.audit.to_tags() if outcome.audit else {}),
     }
     quality = {**metrics["model"].as_metrics("quality/"), **metrics["popularity"].as_metrics("baseline/popularity/")}

@@ -105,6 +105,17 @@ def test_fedavg_learns_the_clusters(shop):
     assert model.ndcg > popularity.ndcg
 
 
+def test_an_unknown_engine_is_refused_by_name(shop):
+    """The shard runner knows "reference" and "batched"; anything else (e.g. "flower", which runs through
+    fedml.flower, not here) is an error, not the reference engine."""
+    data, _ = shop
+    with pytest.raises(ValueError, match="unknown federated engine 'flower'"):
+        train_federated(
+            data, init_item_table(N_ITEMS, DIM, 0.1, seed=0), LOCAL, FedAvg(), rounds=1, client_rate=0.5,
+            server_lr=1.0, seed=0, engine="flower",  # type: ignore[arg-type]
+        )  # fmt: skip
+
+
 def test_poisson_sampling_rate():
     n, q, rounds = 1000, 0.2, 400
     rng = np.random.default_rng(0)

@@ -64,6 +64,8 @@ def _run(args: argparse.Namespace) -> int:
     from fedml.flower.app_project import RunSettings
 
     config = load_config(args.config, args.set)
+    if args.secure_aggregation:
+        config.federated.secure_aggregation = True
     settings = RunSettings(
         output_dir=str(Path(args.output_dir).resolve()), min_nodes=args.min_nodes, node_wait_s=args.node_wait_s,
         round_timeout_s=args.round_timeout_s,
@@ -84,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"model: {Path(args.output_dir) / 'model.npz'}")
     if run.statement is not None:
         print(f"privacy: epsilon={run.statement.epsilon:.4f} at delta={run.statement.delta:g} per shopper")
+        print(f"mechanism: {run.statement.mechanism}")
     return 0
 
 
@@ -148,6 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--min-nodes", type=int, default=1, help="SuperNodes to wait for before the first round")
     run.add_argument("--node-wait-s", type=float, default=120.0)
     run.add_argument("--round-timeout-s", type=float, default=300.0, help="a round waits no longer for replies")
+    run.add_argument(
+        "--secure-aggregation", action="store_true",
+        help="Flower's SecAgg+: the server sees only the sum; devices clip (federated.secure_aggregation=true)",
+    )  # fmt: skip
     run.add_argument("--root-certificates", help="the SuperLink's CA certificate")
     run.add_argument("--insecure", action="store_true", help="no TLS: local trials only")
     run.set_defaults(handler=_run)

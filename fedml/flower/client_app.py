@@ -17,13 +17,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from fedml.data.interactions import UserItems
 from fedml.flower.node_data import inventory_content, load_user_items, partition
 
 if TYPE_CHECKING:
     import torch
+
+    from fedml.federated.client import ClientUpdate, LocalTraining
+    from fedml.models.mf import ItemTable
 
 VECTORS = "fedml-user-vectors"
 
@@ -51,32 +57,59 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Run :func:`client_update` for each requested shopper; reply with their row deltas only."""
+    """Run :func:`client_update` for each requested shopper; reply with their row deltas only.
+
+    Under secure aggregation (the message carries SecAgg+'s stage record), Flower's
+    ``secaggplus_mod`` runs the protocol's stages and calls :func:`secure_train` in the one that
+    collects the masked uploads.
+    """
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, secure_train)
+    from fedml.flower.protocol import read_train_request, updates_content
+
+    request = read_train_request(msg.content)
+    clients = sorted(request.clients)
+    updates = _train_shoppers(context, request.table, request.local, request.seed, request.round, clients)
+    return Message(updates_content(clients, updates, request.table.dim), reply_to=msg)
+
+
+def secure_train(msg: Message, context: Context) -> Message:
+    """SecAgg+'s collect stage: train the requested shoppers, clip and weigh each update on the device,
+    and hand the dense sum to ``secaggplus_mod`` (which quantises and masks it)."""
+    from fedml.flower.secagg import device_upload, fit_res, read_fit_ins
+
+    request = read_fit_ins(compat.recorddict_to_fitins(msg.content, keep_input=True))
+    table = request.table
+    clients = sorted(request.clients)
+    updates = _train_shoppers(context, table, request.local, request.seed, request.round, clients)
+    upload = device_upload(updates, request.clip_norm, request.weight_cap, table.n_items, table.dim)
+    return Message(compat.fitres_to_recorddict(fit_res(upload), keep_input=False), reply_to=msg)
+
+
+def _train_shoppers(
+    context: Context, table: ItemTable, local: LocalTraining, seed: int, round_index: int, clients: list[int]
+) -> list[ClientUpdate]:
+    """:func:`client_update` for each of ``clients`` (held by this node), with their stored user vectors."""
     # torch only here: Flower starts a fresh process per message, and a query needs none of it
     from fedml.federated.client import client_update
     from fedml.federated.randomness import draw_round
-    from fedml.flower.protocol import read_train_request, updates_content
     from fedml.threads import single_thread
 
-    request = read_train_request(msg.content)
     data, held = node_data(context)
-    foreign = sorted(set(request.clients) - set(held.tolist()))
+    foreign = sorted(set(clients) - set(held.tolist()))
     if foreign:
         raise ValueError(f"asked to train shoppers {foreign[:5]} that this node does not hold")
-    clients = sorted(request.clients)
     positives = [data.of(c) for c in clients]
-    local, table = request.local, request.table
     vectors = _load_vectors(context)
     updates = []
     with single_thread():
-        draws = draw_round(
-            request.seed, request.round, clients, positives, table.n_items, local.epochs, local.negatives
-        )
+        draws = draw_round(seed, round_index, clients, positives, table.n_items, local.epochs, local.negatives)
         for client, pos, draw in zip(clients, positives, draws):
             update, vectors[client] = client_update(table, pos, vectors.get(client), local, draw)
             updates.append(update)
-    _store_vectors(context, vectors)
-    return Message(updates_content(clients, updates, table.dim), reply_to=msg)
+    if vectors:
+        _store_vectors(context, vectors)
+    return updates
 
 
 def _load_vectors(context: Context) -> dict[int, torch.Tensor]:

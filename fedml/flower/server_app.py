@@ -34,6 +34,7 @@ from fedml.federated.rounds import RoundReport
 from fedml.federated.sampling import poisson_sample
 from fedml.flower.node_data import read_inventory
 from fedml.flower.protocol import read_updates, train_content
+from fedml.flower.secagg import MIN_NODES, SecureSum, fit_ins, quantization_error_bound, secure_round
 from fedml.flower.setup import FederatedSetup, federated_setup, privacy_statement
 from fedml.models.mf import ItemTable, init_item_table
 
@@ -94,19 +95,22 @@ def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.from_run_config(context.run_config)
     events = EventLog(settings.output_dir / EVENTS_FILE)
     try:
-        serve(grid, settings, events)
+        serve(grid, context, settings, events)
     except Exception as error:
         events.write("failed", error=f"{type(error).__name__}: {error}")
         raise
 
 
-def serve(grid: Grid, settings: ServerSettings, events: EventLog) -> None:
+def serve(grid: Grid, context: Context, settings: ServerSettings, events: EventLog) -> None:
     """Query the nodes, run the configured rounds, write the model and the summary."""
     config = settings.config
+    secure = config.federated.secure_aggregation
     nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait_s)
+    if secure and len(nodes) < MIN_NODES:
+        raise ValueError(f"federated.secure_aggregation needs at least {MIN_NODES} SuperNodes, {len(nodes)} connected")
     owner, counts, n_items = take_inventory(grid, nodes, settings.round_timeout_s)
-    events.write("started", nodes=len(nodes), shoppers=len(counts), items=n_items)
     setup = federated_setup(config, counts)
+    events.write("started", nodes=len(nodes), shoppers=len(counts), items=n_items, secure_aggregation=secure)
     if settings.init_file:
         with np.load(settings.init_file) as arrays:
             table = ItemTable.from_numpy(dict(arrays))
@@ -124,33 +128,49 @@ def serve(grid: Grid, settings: ServerSettings, events: EventLog) -> None:
         drawn = poisson_sample(len(counts), fed.client_rate, rng)
         sampled = drawn[counts[drawn] > 0]
         events.write("round_started", round=round_index, clients_sampled=len(sampled))
-        answered = train_round(grid, table, setup, config, round_index, sampled, owner, settings.round_timeout_s)
-        updates = [answered[c] for c in sampled.tolist() if c in answered]  # the simulator's order
-        partial = setup.aggregator.accumulate(updates, table.n_items, table.dim)
-        aggregate = setup.aggregator.finish([partial], table.n_items, table.dim)
+        secagg: dict[str, Any] = {}
+        if secure:
+            result = secure_train_round(
+                grid, context, table, setup, config, round_index, sampled, owner, counts, settings.round_timeout_s
+            )
+            partials, answered_clients, loss = result.partials, result.answered, result.loss
+            if result.params is not None:
+                secagg = {**asdict(result.params), "error_bound": quantization_error_bound(
+                    result.params.nodes, result.params.clipping_range, result.params.quantization_range)}  # fmt: skip
+        else:
+            answered = train_round(grid, table, setup, config, round_index, sampled, owner, settings.round_timeout_s)
+            updates = [answered[c] for c in sampled.tolist() if c in answered]  # the simulator's order
+            partials = [setup.aggregator.accumulate(updates, table.n_items, table.dim)]
+            answered_clients = list(answered)
+            loss = float(np.mean([u.loss for u in updates])) if updates else float("nan")
+        aggregate = setup.aggregator.finish(partials, table.n_items, table.dim)
         setup.optimizer.step(table, aggregate.delta_embeddings, aggregate.delta_bias)
         epsilon = None
         if setup.accountant is not None:
             setup.accountant.step()  # the planned q: see docs/flower.md on dropouts
             epsilon = setup.accountant.epsilon(config.privacy.delta)
-        losses = np.array([u.loss for u in updates])
         report = FlowerRoundReport(
             round=round_index,
             clients=aggregate.num_clients,
             examples=aggregate.num_examples,
-            loss=float(losses.mean()) if len(losses) else float("nan"),
+            loss=loss,
             update_norm=aggregate.mean_update_norm,
             clipped_fraction=aggregate.clipped_fraction,
             epsilon=epsilon,
             seconds=time.perf_counter() - started,
             clients_sampled=len(sampled),
-            clients_answered=len(updates),
+            clients_answered=len(answered_clients),
         )
-        events.write("round", **asdict(report), missing=sorted(set(sampled.tolist()) - set(answered)))
+        missing = sorted(set(sampled.tolist()) - set(answered_clients))
+        events.write("round", **asdict(report), missing=missing, **({"secagg": secagg} if secure else {}))
     out = settings.output_dir
     np.savez(out / MODEL_FILE, **table.to_numpy())
     statement = privacy_statement(setup, config)
-    summary = {"rounds": fed.rounds, "statement": asdict(statement) if statement else None}
+    summary = {
+        "rounds": fed.rounds,
+        "statement": asdict(statement) if statement else None,
+        "secure_aggregation": secure,
+    }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     events.write("finished", epsilon=statement.epsilon if statement else None)
 
@@ -225,3 +245,35 @@ def train_round(
             continue  # node gone or ClientApp failed: its shoppers did not answer
         answered.update(read_updates(reply.content))
     return answered
+
+
+def secure_train_round(
+    grid: Grid,
+    context: Context,
+    table: ItemTable,
+    setup: FederatedSetup,
+    config: RunConfig,
+    round_index: int,
+    sampled: np.ndarray,
+    owner: dict[int, int],
+    counts: np.ndarray,
+    timeout_s: float,
+) -> SecureSum:
+    """One round through SecAgg+: the online nodes holding sampled shoppers, padded with idle online
+    nodes (they upload zeros) up to :data:`MIN_NODES`; the server gets only the sum."""
+    online = sorted(grid.get_node_ids())
+    by_node: dict[int, list[int]] = {}
+    for client in sampled.tolist():
+        node = owner.get(client)
+        if node in online:
+            by_node.setdefault(node, []).append(client)
+    for node in online:
+        if len(by_node) >= MIN_NODES:
+            break
+        by_node.setdefault(node, [])
+    dp = config.privacy.dp_fedavg
+    instructions = {
+        node: fit_ins(table, setup.local, config.training.seed, round_index, clients, dp.clip_norm, dp.weight_cap)
+        for node, clients in by_node.items()
+    }
+    return secure_round(grid, context, instructions, by_node, counts, dp.clip_norm, round_index, timeout_s)

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fedml.config import ConfigError, RunConfig
+from fedml.config import RunConfig
 from fedml.data.interactions import UserItems
 from fedml.federated.rounds import RoundReport
 from fedml.flower.commands import round_report
 from fedml.flower.local import LocalFederation
+from fedml.flower.setup import check_flower_config
 from fedml.models.mf import init_item_table
 from fedml.privacy.audit import CanarySet, canary_initial_table, strip_canaries
 from fedml.privacy.statement import PrivacyStatement
-from fedml.training import TrainingOutcome, _audit
+from fedml.training import TrainingOutcome, audit_canaries
 
 
 def train_with_flower(
@@ -38,10 +39,7 @@ def train_with_flower(
 
     ``on_round`` sees each round's :class:`~fedml.flower.server_app.FlowerRoundReport` as the round ends.
     """
-    if config.training.mode != "federated":
-        raise ConfigError(
-            f"federated.engine = 'flower' trains federated runs only, not training.mode = {config.training.mode!r}"
-        )
+    check_flower_config(config)
     init = init_item_table(data.n_items, config.model.dim, config.model.init_scale, config.training.seed)
     if canaries is not None:
         init = canary_initial_table(init, canaries)
@@ -62,6 +60,6 @@ def train_with_flower(
         )
     table, audit = run.table, None
     if canaries is not None:
-        audit = _audit(init, table, canaries, run.statement, config)
+        audit = audit_canaries(init, table, canaries, run.statement, config)
         table = strip_canaries(table, canaries)
     return TrainingOutcome(table, run.statement, local_statement, list(run.reports), [], audit)

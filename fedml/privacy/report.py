@@ -16,6 +16,13 @@ from fedml.privacy.ledger import Lifetime
 from fedml.privacy.statement import PrivacyStatement
 
 ACCOUNTANTS = ("rdp", "prv")
+#: named in a DP-FedAvg statement's mechanism when the run used secure aggregation (fedml.flower.secagg)
+SECURE_AGGREGATION = "secure aggregation: SecAgg+ (Flower), server sees only the sum; clipping on the device"
+
+
+def secure_aggregation(headline: PrivacyStatement | None) -> str | None:
+    """How the updates were aggregated securely, when the headline mechanism says they were."""
+    return SECURE_AGGREGATION if headline is not None and SECURE_AGGREGATION in headline.mechanism else None
 
 
 def accountant_comparison(statement: PrivacyStatement | None) -> dict[str, float]:
@@ -61,6 +68,7 @@ def build_report(
         },
         "audit": audit,
         "secure_noise": secure_noise,
+        "secure_aggregation": secure_aggregation(headline),
         "diagnostics_published": publishes_diagnostics,
         "threat_model": threat_model(headline, local, publishes_diagnostics),
     }
@@ -73,9 +81,13 @@ def _composition(headline: PrivacyStatement | None, local: PrivacyStatement | No
         f"local DP runs on the device before the central mechanism, which only sees its output: the model is "
         f"post-processing of both, so both guarantees hold at once. Per record the better one applies "
         f"(epsilon {min(local.epsilon, headline.epsilon):.3g}); per {headline.unit}, the central one. Against the "
-        f"server, which sees individual updates before noise is added, only local DP protects "
+        f"server, which sees {_what_server_sees(headline)} before noise is added, only local DP protects "
         f"(epsilon {local.epsilon:.3g} per record)."
     )
+
+
+def _what_server_sees(headline: PrivacyStatement) -> str:
+    return "only the sum of the devices' updates" if secure_aggregation(headline) else "individual updates"
 
 
 def threat_model(
@@ -95,7 +107,16 @@ def threat_model(
         if local is not None and local is not headline
         else ""
     )
-    if headline.unit == "user" and "fedavg" in headline.mechanism:
+    if headline.unit == "user" and "fedavg" in headline.mechanism and secure_aggregation(headline):
+        server = (
+            "Sees only the sum of the sampled devices' clipped updates (secure aggregation, Flower's SecAgg+): no "
+            "single device's update, as long as it follows the protocol and does not collude with devices. It adds "
+            "the noise to the sum. Clipping runs on each device, so a malicious or modified device can skip its "
+            "own clipping and weigh more than the bound in the sum; epsilon assumes every device clips. The "
+            "server never sees raw histories or shopper vectors." + local_line
+        )
+        covered = f"whether any one shopper took part at all, and anything about their whole history ({eps})"
+    elif headline.unit == "user" and "fedavg" in headline.mechanism:
         server = (
             "Sees the clipped update of each sampled device in the clear (no secure aggregation): it is trusted "
             "to add the noise. It never sees raw histories or shopper vectors, which stay on the device." + local_line
@@ -171,6 +192,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         else "seeded, reproducible (not for production)"
     )
     lines += ["", f"Noise source: {noise}."]
+    if report.get("secure_aggregation"):
+        lines.append(f"Secure aggregation: {report['secure_aggregation']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -180,4 +203,11 @@ def _num(value: float | None) -> str:
     return "inf" if math.isinf(value) else f"{value:.3f}"
 
 
-__all__ = ["accountant_comparison", "build_report", "render_markdown", "threat_model"]
+__all__ = [
+    "SECURE_AGGREGATION",
+    "accountant_comparison",
+    "build_report",
+    "render_markdown",
+    "secure_aggregation",
+    "threat_model",
+]
