@@ -172,7 +172,9 @@ class Bench:
         recommender = Recommender(table=outcome.table, ids=self.ids, negatives=config.federated.negatives,
                                   fold_in_l2=config.model.fold_in_l2,
                                   fold_in_iterations=config.model.fold_in_iterations)  # fmt: skip
+        wall, cpu = time.perf_counter(), time.process_time()
         metrics = self.evaluate(lambda users, histories: recommender.score(histories))
+        timings.update(eval_seconds=time.perf_counter() - wall, eval_cpu_seconds=time.process_time() - cpu)
         return outcome, metrics, timings
 
 
@@ -286,7 +288,8 @@ def run_dataset(bench: Bench, epsilons: tuple[float, ...], mechanisms: tuple[str
     k = bench.config().evaluation.k
 
     def log(model: str, entry: dict) -> None:
-        shown = {key: entry.get(key) for key in (f"hr_at_{k}", f"hr_at_{k}_sampled", "epsilon", "train_cpu_seconds")}
+        keys = (f"hr_at_{k}", f"hr_at_{k}_sampled", "epsilon", "train_cpu_seconds", "eval_cpu_seconds")
+        shown = {key: entry.get(key) for key in keys}
         print(json.dumps({"dataset": name, "model": model, **shown, "skipped": entry.get("skipped")}), flush=True)
 
     models = references(bench, log)
@@ -373,6 +376,38 @@ def panels(report: dict) -> list:
     return out
 
 
+def render_markdown(report: dict) -> str:
+    """The Markdown tables of a report: HR@K (full ranking) per mechanism and ε, references without DP."""
+    lines: list[str] = []
+    epsilons = report["epsilons"]
+    for name, result in report["datasets"].items():
+        first = next(iter(result["models"].values()))
+        k = first["protocol_details"]["k"]
+        hr = f"hr_at_{k}"
+        lines += [
+            f"**{name}** ({result['shoppers']:,} shoppers, {result['items']:,} items; HR@{k}, full ranking; "
+            f"{first['protocol']})",
+            "",
+            "| mechanism (unit, δ, accountant) | " + " | ".join(f"ε={e:g}" for e in epsilons) + " |",
+            "| --- |" + " ---: |" * len(epsilons),
+        ]
+        for mechanism in MECHANISMS:
+            points = {p["target_epsilon"]: p for p in result["sweep"] if p["mechanism"] == mechanism}
+            if not points:
+                continue
+            some = next(iter(points.values()))
+            delta = f"δ={some['delta']:g}" if some["delta"] else "δ=0"
+            cells = [
+                "not run" if e not in points else ("skipped" if hr not in points[e] else f"{points[e][hr]:.4f}")
+                for e in epsilons
+            ]
+            lines.append(f"| {MECHANISM_LABELS[mechanism]} ({some['unit']}, {delta}, {some['accountant']}) | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+        refs = ", ".join(f"{model} {entry[hr]:.4f}" for model, entry in result["models"].items())
+        lines += ["", f"No DP: {refs}.", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
@@ -385,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override every data set's configuration")  # fmt: skip
     parser.add_argument("--output", default=None, help="JSON path; the PNG goes beside it (default bench/results)")
+    parser.add_argument("--table", metavar="JSON", help="print the Markdown tables of a written report and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(render_markdown(json.loads(Path(args.table).read_text())))
+        return 0
     datasets = args.datasets or (["movielens", "synthetic"] if args.quick else sorted(DATASETS))
     epsilons = tuple(args.epsilons or (QUICK_EPSILONS if args.quick else EPSILONS))
     output = Path(args.output) if args.output else RESULTS / ("quality-quick.json" if args.quick else "quality.json")

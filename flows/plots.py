@@ -117,9 +117,10 @@ def privacy_utility_plot(panels: list[UtilityPanel], path: Path) -> Path:
             ax.plot([e for e, _ in shown], [q for _, q in shown], marker="o", markersize=4, label=label)
         for i, (label, value) in enumerate(panel.references.items()):
             ax.axhline(value, color=f"C{len(panel.curves) + i}", linestyle=styles[i % len(styles)], label=label)
-        if epsilons:
+        if epsilons:  # points sit at the ε each run spent; ticks at those values to two digits (the targets)
+            ticks = sorted({float(f"{e:.2g}") for e in epsilons})
             ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted(set(epsilons)), [f"{e:g}" for e in sorted(set(epsilons))])
+            ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
         ax.set_xlabel("ε (unit, δ and accountant in the legend)")
         ax.set_ylabel(panel.metric)
         ax.set_ylim(bottom=0)

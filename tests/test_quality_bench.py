@@ -143,3 +143,16 @@ def test_pipeline_run_panel_places_the_run_at_its_epsilon(tmp_path):
     no_dp = run_quality_panel("shop", None, metrics)
     assert no_dp.curves == {} and no_dp.references["this run (no DP)"] == metrics["model"].hit_rate
     assert privacy_utility_plot([panel], tmp_path / "run.png").stat().st_size > 1000
+
+
+def test_markdown_table_lists_every_mechanism_and_reference(tiny_sweep):
+    from bench.quality import render_markdown
+
+    _, result = tiny_sweep
+    table = render_markdown({"epsilons": [4.0, 8.0], "datasets": {"shop": result}})
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "ε=" not in line and "---" not in line]
+    assert len(rows) == 3 and all(row.endswith(" |") for row in rows)
+    fedavg = next(row for row in rows if row.startswith("| DP-FedAvg"))
+    assert "(user, δ=1e-05, rdp" in fedavg
+    assert fedavg.split(" | ")[1:] == ["not run", f"{result['sweep'][0]['hr_at_10']:.4f} |"]  # no point at ε=4
+    assert f"popularity {result['models']['popularity']['hr_at_10']:.4f}" in table
