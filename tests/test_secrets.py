@@ -38,7 +38,9 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     ),
 }  # fmt: skip
 # a value that only names where a secret comes from, or stands in for one
-_PLACEHOLDER = re.compile(r"^(?:\*+|%s|\{[^}]*\}|\$.*|<[^>]+>|[A-Z][A-Z0-9_]*)$")  # $...: a shell expansion
+_PLACEHOLDER = re.compile(  # "$...": a shell expansion; "password": the word itself, in an example
+    r"^(?:\*+|%s|\{[^}]*\}|\$.*|<[^>]+>|[A-Z][A-Z0-9_]*|(?i:password|passwd|pass|pwd|secret|token))$"
+)
 _EXAMPLE_HOST = re.compile(r"(?:^|\.)(?:example(?:\.com|\.org|\.net)?|invalid|test|localhost)$")  # RFC 2606
 _KEY_FILES = re.compile(r"(?:^|/)(?:id_rsa|id_ed25519|id_ecdsa|\.env|credentials|\.netrc|.*\.pem|.*\.p12|.*\.key)$")
 
@@ -88,6 +90,7 @@ def test_the_scanner_finds_each_kind_of_credential() -> None:
         "https://ops:s3cret@mlflow.example:5000/x",  # a reserved example host: no real service
         'TOKEN_ENV = "FEDML_SERVE_TOKEN"',
         'password = "${MLFLOW_TRACKING_PASSWORD}"',
+        "``https://user:password@host`` -> ``https://user:***@host``",
     ]
     for text in harmless:
         assert find_credentials(text, "flows/x.py") == [], text

@@ -68,6 +68,21 @@ def test_the_fuzzing_ran() -> None:
     print(f"schemathesis: {sum(CASES.values())} requests {dict(CASES)} statuses {dict(STATUSES)}")
 
 
+@pytest.mark.parametrize(("k", "status"), [(True, 422), ("5", 422), (5.0, 200), (5, 200), (5.5, 422)])
+def test_k_is_an_integer_as_the_schema_says(k: object, status: int) -> None:
+    """Regression (found here): pydantic's lax int took ``"k": true`` as k=1 and ``"5"`` as 5, though the
+    schema says integer; schemathesis flagged the accepted invalid request."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(APP) as client:
+        response = client.post(
+            "/recommend", json={"items": [ITEMS[0]], "k": k}, headers={"authorization": f"Bearer {TOKEN}"}
+        )
+    assert response.status_code == status, response.text
+    if status == 422:
+        assert [e["field"] for e in response.json()["errors"]] == ["body.k"]
+
+
 # ---------------------------------------------------------------------- size limit, in process
 
 

@@ -27,7 +27,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, create_model
 
 from fedml.serving.recommender import Recommendation
 from fedml.serving.source import LoadedModel, ModelSlot, ModelSource
@@ -119,6 +119,17 @@ RECOMMEND_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _json_number(value: Any) -> Any:
+    """Pydantic's lax int also takes ``true`` and ``"5"``, which the schema's ``integer`` does not."""
+    if isinstance(value, (bool, str)):
+        raise ValueError("must be a whole number, not a boolean or a string")
+    return value
+
+
+#: An int as JSON Schema's ``integer`` has it: 5 or 5.0, not true or "5" (found by tests/test_serving_schemathesis.py).
+WholeNumber = Annotated[int, BeforeValidator(_json_number)]
+
+
 def _request_model(settings: ServiceSettings) -> type[BaseModel]:
     item_id = Annotated[str, StringConstraints(min_length=1, max_length=settings.max_item_id_length)]
     return create_model(
@@ -130,7 +141,7 @@ def _request_model(settings: ServiceSettings) -> type[BaseModel]:
                 max_length=settings.max_items, description="shop item ids the shopper recently viewed, carted or bought"
             ),
         ),
-        k=(int, Field(10, ge=1, le=settings.max_k, description="how many recommendations")),
+        k=(WholeNumber, Field(10, ge=1, le=settings.max_k, description="how many recommendations")),
     )
 
 
