@@ -34,6 +34,7 @@ from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_pa
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
 from fedml.federated.aggregation import DPFedAvg, PartialSum
@@ -69,7 +70,7 @@ class SecAggParams:
         return cls(nodes, shares, threshold, float(max(1, max_shoppers_per_node) * clip_norm), levels)
 
     def workflow(self, timeout_s: float) -> SecAggPlusWorkflow:
-        return SecAggPlusWorkflow(
+        return _SecAggPlusWorkflow(
             self.num_shares,
             self.threshold,
             max_weight=1.0,  # every node uploads with weight 1: the workflow's weighted mean times n is the sum
@@ -78,6 +79,26 @@ class SecAggParams:
             modulus_range=MODULUS,
             timeout=timeout_s,
         )
+
+
+class _SecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower 1.32's workflow, except that a node that never answers the setup stage leaves the round.
+
+    Flower keeps such a node among the round's "sampled" nodes, so its unmask stage looks for shares
+    of that node's secret, which nobody holds (it never shared keys), logs "Not enough shares to
+    recover secret in unmask vectors stage" and halts: one SuperNode gone before the round started
+    (killed, not yet marked offline) voided every other node's upload. It took no part in the
+    protocol (no keys, no masks with anyone), so leaving it out is what it would be had it not been
+    asked.
+    """
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        if not super().setup_stage(grid, context, state):
+            return False
+        answered = set(state.active_node_ids)
+        state.sampled_node_ids = answered
+        state.nid_to_neighbours = {n: ns & answered for n, ns in state.nid_to_neighbours.items() if n in answered}
+        return self._check_threshold(state)
 
 
 def quantization_error_bound(nodes: int, clipping_range: float, quantization_range: int) -> float:
