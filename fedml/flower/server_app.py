@@ -213,6 +213,17 @@ def take_inventory(grid: Grid, nodes: list[int], timeout_s: float) -> tuple[dict
     return owner, counts, n_items
 
 
+def shoppers_by_node(grid: Grid, sampled: np.ndarray, owner: dict[int, int]) -> dict[int, list[int]]:
+    """The sampled shoppers of each online node (shoppers on offline nodes are left out: they cannot answer)."""
+    online = set(grid.get_node_ids())
+    by_node: dict[int, list[int]] = {}
+    for client in sampled.tolist():
+        node = owner.get(client)
+        if node in online:
+            by_node.setdefault(node, []).append(client)
+    return by_node
+
+
 def train_round(
     grid: Grid,
     table: ItemTable,
@@ -224,12 +235,7 @@ def train_round(
     timeout_s: float,
 ) -> dict[int, ClientUpdate]:
     """Send each online node its sampled shoppers; the uploads that came back within ``timeout_s``."""
-    online = set(grid.get_node_ids())
-    by_node: dict[int, list[int]] = {}
-    for client in sampled.tolist():
-        node = owner.get(client)
-        if node in online:
-            by_node.setdefault(node, []).append(client)
+    by_node = shoppers_by_node(grid, sampled, owner)
     messages = [
         grid.create_message(
             train_content(table, setup.local, config.training.seed, round_index, clients),
@@ -261,13 +267,8 @@ def secure_train_round(
 ) -> SecureSum:
     """One round through SecAgg+: the online nodes holding sampled shoppers, padded with idle online
     nodes (they upload zeros) up to :data:`MIN_NODES`; the server gets only the sum."""
-    online = sorted(grid.get_node_ids())
-    by_node: dict[int, list[int]] = {}
-    for client in sampled.tolist():
-        node = owner.get(client)
-        if node in online:
-            by_node.setdefault(node, []).append(client)
-    for node in online:
+    by_node = shoppers_by_node(grid, sampled, owner)
+    for node in sorted(grid.get_node_ids()):
         if len(by_node) >= MIN_NODES:
             break
         by_node.setdefault(node, [])
