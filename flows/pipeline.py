@@ -39,11 +39,14 @@ from fedml.training import (
     train_model,
 )
 from flows import tracking
+from flows.input_errors import quiet_input_error_tracebacks, retry_unless_input_error
 from flows.ledger import MlflowLedger, Spending
 from flows.ops import DEFAULT_CONFIG
 from flows.promotion import current_actor, promote
 from flows.resume import ResumePoint, checkpoint_store, find_resume_point, writer_meta
 from flows.sharding import shard_runner
+
+quiet_input_error_tracebacks()  # a bad file or setting is reported in one line, not with a traceback
 
 
 @dataclass
@@ -98,7 +101,13 @@ def ui_hint(uri: str) -> str:
 # ---------------------------------------------------------------- tasks
 
 
-@task(name="load-data", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+@task(
+    name="load-data",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=retry_unless_input_error,
+    cache_policy=NO_CACHE,
+)
 def load_data(config: RunConfig) -> SourceData:
     source = load_source(config.data)
     get_run_logger().info("loaded %s: %d rows", source.name, len(source.interactions))
