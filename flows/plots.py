@@ -117,8 +117,8 @@ def privacy_utility_plot(panels: list[UtilityPanel], path: Path) -> Path:
             ax.plot([e for e, _ in shown], [q for _, q in shown], marker="o", markersize=4, label=label)
         for i, (label, value) in enumerate(panel.references.items()):
             ax.axhline(value, color=f"C{len(panel.curves) + i}", linestyle=styles[i % len(styles)], label=label)
-        if epsilons:  # points sit at the ε each run spent; ticks at those values to two digits (the targets)
-            ticks = sorted({float(f"{e:.2g}") for e in epsilons})
+        if epsilons:  # points sit at the ε each run spent (a hair under its target); ticks at the targets
+            ticks = sorted({_nice(e) for e in epsilons})
             ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
         ax.set_xlabel("ε (unit, δ and accountant in the legend)")
@@ -131,6 +131,12 @@ def privacy_utility_plot(panels: list[UtilityPanel], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _nice(epsilon: float) -> float:
+    """The round number an accountant-calibrated ε sits just under (7.992 -> 8), else two digits."""
+    whole = round(epsilon)
+    return float(whole) if whole >= 1 and abs(epsilon - whole) <= 0.02 * epsilon else float(f"{epsilon:.2g}")
 
 
 def run_quality_panel(
