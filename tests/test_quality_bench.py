@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -156,3 +157,19 @@ def test_markdown_table_lists_every_mechanism_and_reference(tiny_sweep):
     assert "(user, δ=1e-05, rdp" in fedavg
     assert fedavg.split(" | ")[1:] == ["not run", f"{result['sweep'][0]['hr_at_10']:.4f} |"]  # no point at ε=4
     assert f"popularity {result['models']['popularity']['hr_at_10']:.4f}" in table
+
+
+def test_command_line_writes_the_report_and_the_plot(tmp_path, capsys):
+    from bench.quality import main
+
+    output = tmp_path / "q.json"
+    args = ["--quick", "--datasets", "synthetic", "--epsilons", "8", "--mechanisms", "dp-fedavg", "--output",
+            str(output), *[arg for setting in [*TINY, "data.n_shoppers=300"] for arg in ("--set", setting)]]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(output.read_text())
+    result = report["datasets"]["synthetic"]
+    assert report["quick"] and report["epsilons"] == [8.0] and result["shoppers"] == 300
+    assert [p["mechanism"] for p in result["sweep"]] == ["dp-fedavg"] and "dp_fedavg_retention" in result
+    assert output.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["--table", str(output)]) == 0
+    assert "| DP-FedAvg (user-level) (user, δ=1e-05" in capsys.readouterr().out
