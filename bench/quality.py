@@ -18,7 +18,8 @@ The sweep, one training run per mechanism and target ε (δ = :func:`delta_for`,
 
 * ``dp-fedavg``: user-level DP-FedAvg, the federated configuration with σ calibrated by the accountant
   (``privacy.accountant``, RDP) so that its rounds at client rate q spend the target ε;
-* ``dp-sgd``: record-level DP-SGD (Opacus), the central reference with ``target_epsilon``;
+* ``dp-sgd``: record-level DP-SGD (Opacus), the central reference with ``target_epsilon`` and fewer epochs
+  (:data:`DP_SGD_SWEEP`);
 * ``local-dp``: each shopper's (shopper, item) presence bits go through randomized response at ε (pure ε-LDP
   per bit, δ = 0) before the non-private federated training; evaluation folds in the shopper's true history
   on the device. Points whose noisy data would hold more than :data:`LDP_MAX_GROWTH` times the true positives
