@@ -5,6 +5,7 @@ The integration tests start a SuperLink and three SuperNodes as separate process
 round costs seconds, not milliseconds. Small data, dim 8.
 """
 
+# ruff: noqa: E402  (the flwr imports come after the skip when Flower is not installed)
 from __future__ import annotations
 
 import json
@@ -13,6 +14,9 @@ import tomllib
 import numpy as np
 import pytest
 import torch
+
+pytest.importorskip("flwr", reason="needs the flower extra: pip install -e '.[flower]' (make test installs it)")
+
 from cryptography import x509
 from flwr.common.config import validate_config
 

@@ -5,10 +5,14 @@ quantisation stays within the stated bound); one integration test runs SecAgg+ o
 with three SuperNodes (two rounds, tiny data) against the simulator.
 """
 
+# ruff: noqa: E402  (the flwr imports come after the skip when Flower is not installed)
 from __future__ import annotations
 
 import numpy as np
 import pytest
+
+pytest.importorskip("flwr", reason="needs the flower extra: pip install -e '.[flower]' (make test installs it)")
+
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
 from fedml.config import ConfigError, RunConfig, apply_override
