@@ -20,7 +20,7 @@ pytest.importorskip("flwr", reason="needs the flower extra: pip install -e '.[fl
 from cryptography import x509
 from flwr.common.config import validate_config
 
-from fedml.config import RunConfig, apply_override
+from fedml.config import RunConfig
 from fedml.data.interactions import UserItems
 from fedml.federated.client import LocalTraining, client_update
 from fedml.federated.randomness import draw_round
@@ -32,35 +32,18 @@ from fedml.flower.protocol import read_train_request, read_updates, train_conten
 from fedml.models.mf import init_item_table
 from fedml.privacy.accountant import SubsampledGaussianAccountant
 from fedml.training import plant_audit_canaries, train_model
-from tests.clustered_shop import clustered_shop
+from tests.flower_setup import N_ITEMS, N_USERS, NODES, flower_config, flower_shop
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-N_USERS, N_ITEMS, NODES = 24, 32, 3
-SETTINGS = [
-    "model.dim=8",
-    "federated.rounds=3",
-    "federated.client_rate=0.5",
-    "federated.engine=reference",
-    "federated.local_epochs=1",
-    "federated.server_lr=5.0",
-    "privacy.dp_fedavg.noise_multiplier=1.0",
-    "privacy.dp_fedavg.clip_norm=0.1",  # small enough that some updates are clipped
-    "privacy.dp_fedavg.weight_cap=4",
-    "privacy.audit.enabled=false",
-]
-
 
 def _config(*overrides: str) -> RunConfig:
-    config = RunConfig()
-    for override in [*SETTINGS, *overrides]:
-        apply_override(config, override)
-    return config
+    return flower_config(3, *overrides)
 
 
 @pytest.fixture(scope="module")
 def shop() -> UserItems:
-    return clustered_shop(N_USERS, N_ITEMS, clusters=4, per_user=6)[0]
+    return flower_shop()
 
 
 # ---------------------------------------------------------------------------------------------

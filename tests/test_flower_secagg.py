@@ -15,7 +15,7 @@ pytest.importorskip("flwr", reason="needs the flower extra: pip install -e '.[fl
 
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from fedml.config import ConfigError, RunConfig, apply_override
+from fedml.config import ConfigError, RunConfig
 from fedml.data.interactions import UserItems
 from fedml.federated.client import LocalTraining, client_update
 from fedml.federated.randomness import draw_round
@@ -34,35 +34,18 @@ from fedml.flower.setup import check_flower_config
 from fedml.models.mf import init_item_table
 from fedml.privacy.report import SECURE_AGGREGATION, build_report, render_markdown
 from fedml.training import build_accountant, build_aggregator, federated_statement, planned_spend, train_model
-from tests.clustered_shop import clustered_shop
+from tests.flower_setup import DIM, N_ITEMS, NODES, flower_config, flower_shop
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-N_USERS, N_ITEMS, NODES, DIM = 24, 32, 3, 8
-SETTINGS = [
-    f"model.dim={DIM}",
-    "federated.rounds=2",
-    "federated.client_rate=0.5",
-    "federated.engine=reference",
-    "federated.local_epochs=1",
-    "federated.server_lr=5.0",
-    "privacy.dp_fedavg.noise_multiplier=1.0",
-    "privacy.dp_fedavg.clip_norm=0.1",  # small enough that some updates are clipped
-    "privacy.dp_fedavg.weight_cap=4",
-    "privacy.audit.enabled=false",
-]
-
 
 def _config(*overrides: str) -> RunConfig:
-    config = RunConfig()
-    for override in [*SETTINGS, *overrides]:
-        apply_override(config, override)
-    return config
+    return flower_config(2, *overrides)
 
 
 @pytest.fixture(scope="module")
 def shop() -> UserItems:
-    return clustered_shop(N_USERS, N_ITEMS, clusters=4, per_user=6)[0]
+    return flower_shop()
 
 
 def _updates(shop: UserItems, clients: list[int]) -> list:
