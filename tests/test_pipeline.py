@@ -135,16 +135,26 @@ def test_bad_rows_are_quarantined_and_the_run_goes_on(pipeline_env: Path) -> Non
     assert summary["rows_quarantined"] == 4 and summary["rows_kept"] == 240
 
 
-def test_missing_required_column_stops_the_run_naming_it(pipeline_env: Path, capfd: pytest.CaptureFixture) -> None:
+def test_missing_required_column_stops_the_run_naming_it(pipeline_env: Path, servers) -> None:
+    """Run as a user runs it (the command line, its own process): one clear line, no traceback, no retry."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
     path = pipeline_env / "no_timestamp.csv"
     pd.DataFrame({"user_id": ["a", "b"], "item_id": ["x", "y"], "event": ["view", "view"]}).to_csv(path, index=False)
-    state = run_pipeline(["data.source=events", f"data.path={path}", "tracking.registered_model=guide-schema"])
-    assert state.is_failed()
-    assert "timestamp" in state.message
-    printed = capfd.readouterr()
-    assert "timestamp" in printed.out + printed.err  # the user sees the error in one line ...
-    assert "Traceback" not in printed.out + printed.err  # ... without a traceback ...
-    assert "Retrying" not in printed.out + printed.err  # ... and a bad file is not read again
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": servers["mlflow"].url}
+    args = [sys.executable, "-m", "flows.pipeline"]
+    for override in ("data.source=events", f"data.path={path}", "tracking.registered_model=guide-schema"):
+        args += ["--set", override]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=pipeline_env, timeout=300)
+    printed = done.stdout + done.stderr
+    assert done.returncode == 1
+    assert "pipeline failed:" in done.stderr and "timestamp" in done.stderr  # the user sees the error in one line ...
+    assert "Traceback" not in printed  # ... without a traceback ...
+    assert "Retrying" not in printed  # ... and a bad file is not read again
     from mlflow import MlflowClient
 
     assert not MlflowClient().search_model_versions("name='guide-schema'")
