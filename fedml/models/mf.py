@@ -101,8 +101,10 @@ def fold_in(
     * the first step is Newton's, exact and cheap: at ``p = 0`` an item's curvature ``s(b)(1 - s(b))``
       depends on its bias alone, so the catalogue's share of the Hessian is one ``dim x dim`` matrix
       for all shoppers, corrected by each shopper's history;
-    * later steps are BFGS updates of that Hessian from exact gradients: each costs two products
-      with the item matrix, not a per-shopper ``n_items x dim^2`` Hessian;
+    * later steps are structured quasi-Newton steps (Dennis & Martinez): the history's share of the
+      Hessian is recomputed exactly at every step (a few items), the catalogue's share is BFGS-updated
+      from exact gradients; a step costs two products with the item matrix, not a per-shopper
+      ``n_items x dim^2`` Hessian, and takes about as many steps as Newton's method (one more);
     * a shopper stops once a step moves none of its coordinates more than ``tolerance``, or after
       ``iterations`` steps.
 
@@ -182,29 +184,37 @@ class _Histories:
 def _fold_in_chunk(
     catalogue: FoldInCatalogue, hist: _Histories, l2: float, iterations: int, tolerance: float
 ) -> torch.Tensor:
-    """:func:`fold_in` of one chunk of histories: ``[n, dim]``."""
+    """:func:`fold_in` of one chunk of histories: ``[n, dim]``.
+
+    The objective splits in two: the history's positives (at most a few hundred items: gradient and
+    Hessian exact at every step) and the negatives, every other item with weight ``c``, plus the
+    ``l2`` term (exact gradient from one pass over the item matrix; Hessian exact at ``p = 0``, then
+    BFGS-updated from the negatives' gradient changes). A step solves with their sum.
+    """
     q, b = catalogue.q, catalogue.b
     n, dim = hist.items.shape[0], q.shape[1]
     # index_select rather than q[items]: the same rows, several times faster on CPU
     q_hist = q.index_select(0, hist.items.view(-1)).view(*hist.items.shape, dim)  # [n, width, dim]
-    # at p = 0: the catalogue's shared gradient and Hessian, times c, corrected for the history's items
-    s_hist = torch.sigmoid(b.index_select(0, hist.items.view(-1)).view(hist.items.shape))
-    side = (1.0 - hist.weight)[:, None] * hist.mask  # a history item counts as a positive (1), not as a negative (c)
-    gradient = _history_sum(side * s_hist - hist.mask, q_hist) + hist.weight[:, None] * catalogue.gradient0
-    weighted = q_hist * (side * s_hist * (1.0 - s_hist))[:, :, None]
-    hessian = torch.bmm(weighted.transpose(1, 2), q_hist)
-    hessian.addcmul_(hist.weight[:, None, None], catalogue.hessian0).diagonal(dim1=1, dim2=2).add_(l2)
-    bfgs = _InverseBFGS(torch.linalg.cholesky(hessian), l2)
-    del weighted, hessian
+    s_hist = torch.sigmoid(b.index_select(0, hist.items.view(-1)).view(hist.items.shape)) * hist.mask
+    c = hist.weight[:, None]
+    # at p = 0 the catalogue's shared terms, less the history's items, which are no negatives
+    negatives_gradient = c * (catalogue.gradient0 - _history_sum(s_hist, q_hist))
+    negatives = _NegativesCurvature(
+        torch.eye(dim, dtype=q.dtype, device=q.device) * l2
+        + c[:, :, None] * (catalogue.hessian0 - _history_gram(s_hist * (1.0 - s_hist), q_hist)),
+        l2,
+    )
 
     p = torch.zeros(n, dim, dtype=q.dtype, device=q.device)
-    active = torch.arange(n, device=q.device)  # p_active, gradient, ...: the rows of these shoppers
+    active = torch.arange(n, device=q.device)  # p_active, s_hist, ...: the rows of these shoppers
     p_active = p
     done = torch.zeros(n, dtype=torch.bool, device=q.device)  # stopped, but still carried along
     stopped = 0
     scores = torch.empty(n, q.shape[0], dtype=q.dtype, device=q.device)  # reused by every gradient
     for step_index in range(iterations):
-        step = -bfgs.apply(gradient)
+        gradient = _history_sum(s_hist - hist.mask, q_hist) + negatives_gradient
+        hessian = _history_gram(s_hist * (1.0 - s_hist), q_hist) + negatives.hessian
+        step = -torch.cholesky_solve(gradient.unsqueeze(-1), torch.linalg.cholesky(hessian)).squeeze(-1)
         if stopped:
             step.masked_fill_(done[:, None], 0.0)
         p_active = p_active + step
@@ -215,71 +225,56 @@ def _fold_in_chunk(
         if 8 * stopped > len(done):  # drop the stopped shoppers once they are worth a copy
             p.index_copy_(0, active, p_active)
             moving = ~done
-            active, p_active, step, gradient, q_hist, done = (
-                t[moving] for t in (active, p_active, step, gradient, q_hist, done)
+            active, p_active, step, negatives_gradient, q_hist, done = (
+                t[moving] for t in (active, p_active, step, negatives_gradient, q_hist, done)
             )
-            hist, bfgs, stopped = hist[moving], bfgs[moving], 0
-        new_gradient = _gradient(catalogue, hist, q_hist, p_active, l2, scores[: len(done)])
-        bfgs.update(step, new_gradient - gradient)  # a stopped shopper's zero step leaves its H as it is
-        gradient = new_gradient
+            hist, negatives, stopped = hist[moving], negatives[moving], 0
+        s = torch.addmm(b, p_active, q.T, out=scores[: len(done)]).sigmoid_()
+        s_hist = s.gather(1, hist.items) * hist.mask
+        new_negatives_gradient = hist.weight[:, None] * (s @ q - _history_sum(s_hist, q_hist)) + l2 * p_active
+        negatives.update(step, new_negatives_gradient - negatives_gradient)  # a stopped shopper's zero step: no change
+        negatives_gradient = new_negatives_gradient
     p.index_copy_(0, active, p_active)
     return p
 
 
-class _InverseBFGS:
-    """Inverse Hessian approximations of a batch of shoppers, in limited-memory form.
+class _NegativesCurvature:
+    """The negatives' and ``l2``'s Hessian of a batch of shoppers ``[n, dim, dim]``, BFGS-updated.
 
-    ``H_0^{-1}`` is given by its Cholesky factor (the exact Hessian at ``p = 0``); each update with a
-    step ``s`` and gradient change ``y`` is ``H+ = (I - r s y^T) H (I - r y s^T) + r s s^T``,
-    ``r = 1 / y.s``, applied by the two-loop recursion (all pairs are kept: fold-in takes few steps).
-    The objective is ``l2``-strongly convex, so ``y.s >= l2 |s|^2``; a pair that misses half of that
-    (float rounding of a tiny step) is left out (``r = 0``), which keeps ``H`` positive definite.
+    It starts exact (at ``p = 0``); each update with a step ``s`` and the change ``y`` of the
+    negatives' gradient is ``B+ = B - (B s)(B s)^T / s.B s + y y^T / y.s``. That part of the
+    objective is ``l2``-strongly convex, so ``y.s >= l2 |s|^2`` and ``B`` stays positive definite; a
+    pair that misses half of that (float rounding of a tiny step, or a stopped shopper's zero
+    step) is left out.
     """
 
-    def __init__(self, cholesky: torch.Tensor, l2: float) -> None:
-        self.cholesky, self.l2 = cholesky, l2
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, r)
-
-    def apply(self, gradient: torch.Tensor) -> torch.Tensor:
-        """``H^{-1} gradient`` for every shopper."""
-        v, alphas = gradient, []
-        for s, y, r in reversed(self.pairs):
-            alpha = r * (s * v).sum(1, keepdim=True)
-            v = v - alpha * y
-            alphas.append(alpha)
-        v = torch.cholesky_solve(v.unsqueeze(-1), self.cholesky).squeeze(-1)
-        for (s, y, r), alpha in zip(self.pairs, reversed(alphas)):
-            v = v + (alpha - r * (y * v).sum(1, keepdim=True)) * s
-        return v
+    def __init__(self, hessian: torch.Tensor, l2: float) -> None:
+        self.hessian, self.l2 = hessian, l2
 
     def update(self, s: torch.Tensor, y: torch.Tensor) -> None:
-        ys = (y * s).sum(1, keepdim=True)
-        curved = ys > 0.5 * self.l2 * (s * s).sum(1, keepdim=True)
-        self.pairs.append((s, y, torch.where(curved, 1.0 / torch.where(curved, ys, 1.0), 0.0)))
+        bs = torch.bmm(self.hessian, s.unsqueeze(-1)).squeeze(-1)
+        ys, sbs = (y * s).sum(1), (bs * s).sum(1)
+        curved = (ys > 0.5 * self.l2 * (s * s).sum(1)) & (sbs > 0)
+        y_weight = torch.where(curved, 1.0 / torch.where(curved, ys, 1.0), 0.0)
+        bs_weight = torch.where(curved, 1.0 / torch.where(curved, sbs, 1.0), 0.0)
+        self.hessian = (
+            self.hessian
+            + y_weight[:, None, None] * y[:, :, None] * y[:, None, :]
+            - bs_weight[:, None, None] * bs[:, :, None] * bs[:, None, :]
+        )
 
-    def __getitem__(self, rows: torch.Tensor) -> _InverseBFGS:
-        kept = _InverseBFGS(self.cholesky[rows], self.l2)
-        kept.pairs = [(s[rows], y[rows], r[rows]) for s, y, r in self.pairs]
-        return kept
-
-
-def _gradient(
-    catalogue: FoldInCatalogue, hist: _Histories, q_hist: torch.Tensor, p: torch.Tensor, l2: float, out: torch.Tensor
-) -> torch.Tensor:
-    """The fold-in objective's gradient at ``p`` (``[n, dim]``; ``q_hist``: the histories' item rows).
-
-    ``out`` (``[n, n_items]``) receives the scores' sigmoids.
-    """
-    q, b = catalogue.q, catalogue.b
-    s = torch.addmm(b, p, q.T, out=out).sigmoid_()
-    s_hist = s.gather(1, hist.items)
-    history = _history_sum(((1.0 - hist.weight)[:, None] * s_hist - 1.0) * hist.mask, q_hist)
-    return torch.addcmul(history, hist.weight[:, None], s @ q).add_(p, alpha=l2)
+    def __getitem__(self, rows: torch.Tensor) -> _NegativesCurvature:
+        return _NegativesCurvature(self.hessian[rows], self.l2)
 
 
 def _history_sum(coefficients: torch.Tensor, q_hist: torch.Tensor) -> torch.Tensor:
     """``sum_k coefficients[:, k] q_hist[:, k]``: ``[n, dim]``."""
     return torch.bmm(coefficients.unsqueeze(1), q_hist).squeeze(1)
+
+
+def _history_gram(coefficients: torch.Tensor, q_hist: torch.Tensor) -> torch.Tensor:
+    """``sum_k coefficients[:, k] q_hist[:, k] q_hist[:, k]^T``: ``[n, dim, dim]``."""
+    return torch.bmm((q_hist * coefficients[:, :, None]).transpose(1, 2), q_hist)
 
 
 def score_all(table: ItemTable, user_vectors: torch.Tensor) -> torch.Tensor:
