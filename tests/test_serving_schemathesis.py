@@ -45,6 +45,10 @@ APP = create_app(
 )
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 schema.config.generation.update(max_examples=MAX_EXAMPLES)
+# invalid data that is also over the size limit is refused with 413 before it is parsed (found by a run that
+# generated long item ids): a refusal, as the negative-data check means it
+_rejection = schema.config.checks.negative_data_rejection
+_rejection.expected_statuses = [*_rejection.expected_statuses, "413"]
 CASES: Counter[str] = Counter()
 STATUSES: Counter[int] = Counter()
 
