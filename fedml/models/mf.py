@@ -212,9 +212,11 @@ def _fold_in_chunk(
     stopped = 0
     scores = torch.empty(n, q.shape[0], dtype=q.dtype, device=q.device)  # reused by every gradient
     for step_index in range(iterations):
-        gradient = _history_sum(s_hist - hist.mask, q_hist) + negatives_gradient
-        hessian = _history_gram(s_hist * (1.0 - s_hist), q_hist) + negatives.hessian
-        step = -torch.cholesky_solve(gradient.unsqueeze(-1), torch.linalg.cholesky(hessian)).squeeze(-1)
+        # the history's gradient and Hessian at p, plus the negatives' (s_hist is 0 on padding)
+        gradient = torch.baddbmm(negatives_gradient.unsqueeze(1), (s_hist - hist.mask).unsqueeze(1), q_hist)
+        curvature = torch.addcmul(s_hist, s_hist, s_hist, value=-1.0)  # s (1 - s)
+        hessian = torch.baddbmm(negatives.hessian, (q_hist * curvature.unsqueeze(-1)).transpose(1, 2), q_hist)
+        step = torch.cholesky_solve(gradient.transpose(1, 2), torch.linalg.cholesky(hessian)).squeeze(-1).neg_()
         if stopped:
             step.masked_fill_(done[:, None], 0.0)
         p_active = p_active + step
@@ -230,8 +232,10 @@ def _fold_in_chunk(
             )
             hist, negatives, stopped = hist[moving], negatives[moving], 0
         s = torch.addmm(b, p_active, q.T, out=scores[: len(done)]).sigmoid_()
-        s_hist = s.gather(1, hist.items) * hist.mask
-        new_negatives_gradient = hist.weight[:, None] * (s @ q - _history_sum(s_hist, q_hist)) + l2 * p_active
+        s_hist = s.gather(1, hist.items).mul_(hist.mask)
+        # c (sum over all items - over the history's) + l2 p
+        new_negatives_gradient = torch.baddbmm((s @ q).unsqueeze(1), s_hist.unsqueeze(1), q_hist, alpha=-1.0)
+        new_negatives_gradient = new_negatives_gradient.squeeze(1).mul_(hist.weight[:, None]).add_(p_active, alpha=l2)
         negatives.update(step, new_negatives_gradient - negatives_gradient)  # a stopped shopper's zero step: no change
         negatives_gradient = new_negatives_gradient
     p.index_copy_(0, active, p_active)
@@ -253,15 +257,13 @@ class _NegativesCurvature:
 
     def update(self, s: torch.Tensor, y: torch.Tensor) -> None:
         bs = torch.bmm(self.hessian, s.unsqueeze(-1)).squeeze(-1)
-        ys, sbs = (y * s).sum(1), (bs * s).sum(1)
-        curved = (ys > 0.5 * self.l2 * (s * s).sum(1)) & (sbs > 0)
-        y_weight = torch.where(curved, 1.0 / torch.where(curved, ys, 1.0), 0.0)
-        bs_weight = torch.where(curved, 1.0 / torch.where(curved, sbs, 1.0), 0.0)
-        self.hessian = (
-            self.hessian
-            + y_weight[:, None, None] * y[:, :, None] * y[:, None, :]
-            - bs_weight[:, None, None] * bs[:, :, None] * bs[:, None, :]
-        )
+        ys, sbs = torch.linalg.vecdot(y, s), torch.linalg.vecdot(bs, s)
+        curved = (ys > 0.5 * self.l2 * torch.linalg.vecdot(s, s)) & (sbs > 0)
+        y_weight = torch.where(curved, ys, 1.0).reciprocal_().mul_(curved)  # 1 / y.s, or 0: left out
+        bs_weight = torch.where(curved, sbs, 1.0).reciprocal_().mul_(curved).neg_()  # -1 / s.B s, or 0
+        # B + (y / y.s) y^T - (B s / s.B s) (B s)^T as one batched product
+        left = torch.stack((y * y_weight[:, None], bs * bs_weight[:, None]), 2)  # [n, dim, 2]
+        self.hessian = torch.baddbmm(self.hessian, left, torch.stack((y, bs), 1))
 
     def __getitem__(self, rows: torch.Tensor) -> _NegativesCurvature:
         return _NegativesCurvature(self.hessian[rows], self.l2)
@@ -279,4 +281,4 @@ def _history_gram(coefficients: torch.Tensor, q_hist: torch.Tensor) -> torch.Ten
 
 def score_all(table: ItemTable, user_vectors: torch.Tensor) -> torch.Tensor:
     """Scores of every catalogue item for each user vector: ``[n_users, n_items]``."""
-    return user_vectors @ table.embeddings.T + table.bias
+    return torch.addmm(table.bias, user_vectors, table.embeddings.T)

@@ -20,6 +20,7 @@ from fedml.files import atomic_write_text
 from fedml.models.ease import KIND as EASE
 from fedml.models.ease import history_vectors
 from fedml.models.mf import FOLD_IN_ITERATIONS, FoldInCatalogue, ItemTable, fold_in, score_all
+from fedml.models.top_k import top_k
 
 WEIGHTS_FILE = "item_table.npz"
 IDS_FILE = "ids.json"
@@ -57,13 +58,18 @@ class Recommender:
         with torch.no_grad():
             if self.table.kind == EASE:  # no fold-in: the history's 0/1 row times the item-item weights
                 return score_all(self.table, history_vectors(histories, self.table.n_items))
-            if self._catalogue is None or self._catalogue[0] is not self.table:
-                self._catalogue = (self.table, FoldInCatalogue.of(self.table))
             vectors = fold_in(
                 self.table, histories, negatives=self.negatives, l2=self.fold_in_l2,
-                iterations=self.fold_in_iterations, catalogue=self._catalogue[1],
+                iterations=self.fold_in_iterations, catalogue=self.fold_in_catalogue(),
             )  # fmt: skip
             return score_all(self.table, vectors)
+
+    def fold_in_catalogue(self) -> FoldInCatalogue:
+        """The table's fold-in terms shared by all shoppers (computed on first use, again if the table changes)."""
+        if self._catalogue is None or self._catalogue[0] is not self.table:
+            with torch.no_grad():
+                self._catalogue = (self.table, FoldInCatalogue.of(self.table))
+        return self._catalogue[1]
 
     def recommend_many(self, histories: list[list[str]], k: int = 10) -> list[Recommendation]:
         if k < 1:
@@ -112,6 +118,8 @@ class ServingIndex:
         self.recommender = recommender
         self.position = {item: i for i, item in enumerate(recommender.ids.items)}
         self.q = recommender.table.embeddings.detach().to("cpu", torch.float32)
+        if recommender.table.kind != EASE:
+            recommender.fold_in_catalogue()  # now, while the model loads, not on the first request
 
     @property
     def n_items(self) -> int:
@@ -131,26 +139,36 @@ class ServingIndex:
             known.append(np.unique(np.array([i for i in indices if i >= 0], dtype=np.int64)))
             unknown.append([str(item) for item, i in zip(history, indices) if i < 0])
         scores = self.recommender.score(known)
-        for row, seen in enumerate(known):
-            scores[row, torch.as_tensor(seen, dtype=torch.long)] = -torch.inf
-        top_values, top_indices = torch.topk(scores, k=min(max(ks), self.n_items), dim=1)
+        sizes = [len(seen) for seen in known]
+        seen_rows = torch.as_tensor(np.repeat(np.arange(len(known)), sizes))
+        scores[seen_rows, torch.as_tensor(np.concatenate(known))] = -torch.inf
+        top_values, top_indices = top_k(scores, min(max(ks), self.n_items))
+        because = self._because(known, top_indices)
         results = []
         for row, (seen, k) in enumerate(zip(known, ks)):
             take = min(k, self.n_items - len(seen))
-            indices = top_indices[row, :take]
             results.append(
                 Recommendation(
-                    items=self.recommender.ids.item_ids(indices.numpy()),
+                    items=self.recommender.ids.item_ids(top_indices[row, :take].numpy()),
                     scores=top_values[row, :take].tolist(),
                     unknown_items=unknown[row],
-                    because=self._because(seen, indices),
+                    because=because[row][:take],
                 )
             )
         return results
 
-    def _because(self, seen: np.ndarray, indices: torch.Tensor) -> list[str | None]:
-        """For each recommended item, the history item with the largest embedding dot product."""
-        if len(seen) == 0:
-            return [None] * len(indices)
-        closest = (self.q[indices] @ self.q[torch.as_tensor(seen, dtype=torch.long)].T).argmax(dim=1)
-        return self.recommender.ids.item_ids(seen[closest.numpy()])
+    def _because(self, known: list[np.ndarray], recommended: torch.Tensor) -> list[list[str | None]]:
+        """For each recommended item, the history item with the largest embedding dot product (None: no history)."""
+        width = max(len(seen) for seen in known)
+        if width == 0:
+            return [[None] * recommended.shape[1] for _ in known]
+        padded = np.zeros((len(known), width), dtype=np.int64)
+        padding = np.ones((len(known), width), dtype=bool)
+        for row, seen in enumerate(known):
+            padded[row, : len(seen)], padding[row, : len(seen)] = seen, False
+        dots = torch.bmm(self.q[recommended], self.q[torch.as_tensor(padded)].transpose(1, 2))  # [rows, k, width]
+        closest = dots.masked_fill_(torch.as_tensor(padding)[:, None, :], -torch.inf).argmax(2).numpy()
+        return [
+            self.recommender.ids.item_ids(seen[closest[row]]) if len(seen) else [None] * recommended.shape[1]
+            for row, seen in enumerate(known)
+        ]
