@@ -229,8 +229,12 @@ def serve_and_load(model_dir: Path, recommender, sessions: list[list[str]], work
                    args: argparse.Namespace, log: Path, compute_threads: int | None = None) -> dict:  # fmt: skip
     """Start the service on ``model_dir``, check a few answers, warm up, then the measured load.
 
-    ``compute_threads`` per worker; None: ``args.compute_threads``."""
+    ``compute_threads`` per worker; None: ``args.compute_threads``, or the service's default."""
     threads = args.compute_threads if compute_threads is None else compute_threads
+    if threads is None:
+        from fedml.serving.api import default_compute_threads
+
+        threads = default_compute_threads(workers)
     bodies = [json.dumps({"items": items, "k": args.k}).encode() for items in sessions]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -285,7 +289,6 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = recommender.save(Path(tmp) / "model")
         for workers, threads in args.workers:
-            threads = args.compute_threads if threads is None else threads
             for concurrency in args.concurrency:
                 log = Path(tmp) / f"serve-{workers}x{threads}-{concurrency}.log"
                 outcome = serve_and_load(model_dir, recommender, sessions, workers, concurrency, args, log, threads)
@@ -314,7 +317,9 @@ def run(args: argparse.Namespace) -> dict:
         "warmup_requests": args.warmup,
         "service_options": {
             "max_batch": args.max_batch,
-            "compute_threads": args.compute_threads,
+            "compute_threads": "service default (0: in the event loop, with several workers)"
+            if args.compute_threads is None
+            else args.compute_threads,
             "batch_wait_ms": "service default" if args.batch_wait_ms is None else args.batch_wait_ms,
         },
         "client": "asyncio streams (uvloop), one keep-alive connection per request in flight, on the same machine "
@@ -333,14 +338,15 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def layout(text: str) -> tuple[int, int | None]:
-    """``"2"``: two server processes (``--compute-threads`` each); ``"1x2"``: one process of two compute threads."""
+    """``"2"``: two server processes (``--compute-threads`` each); ``"1x2"``: one process of two compute threads;
+    ``"2x0"``: two processes computing in their event loop threads."""
     workers, _, threads = text.partition("x")
     try:
         numbers = int(workers), int(threads) if threads else None
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected W or WxT (whole numbers), got {text!r}") from None
-    if min(n for n in numbers if n is not None) < 1:
-        raise argparse.ArgumentTypeError(f"workers and threads must be >= 1, got {text!r}")
+    if numbers[0] < 1 or (numbers[1] is not None and numbers[1] < 0):
+        raise argparse.ArgumentTypeError(f"workers must be >= 1 and threads >= 0, got {text!r}")
     return numbers
 
 
@@ -353,11 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="per run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 12, 16])
-    parser.add_argument("--workers", type=layout, nargs="+", default=[layout("2"), layout("1x2")],
+    parser.add_argument("--workers", type=layout, nargs="+", default=[layout("2"), layout("2x1")],
                         help="server layouts: W processes (of --compute-threads each), or WxT: W processes of T "
-                        "compute threads each (default: 2 1x2)")  # fmt: skip
+                        "compute threads each, 0: in the event loop (default: 2 2x1)")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--compute-threads", type=int, default=1, help="batches computed at once per worker")
+    parser.add_argument("--compute-threads", type=int,
+                        help="batches computed at once per worker, 0: in its event loop (default: the service's)")  # fmt: skip
     parser.add_argument("--batch-wait-ms", type=float, help="the service's --batch-wait-ms (default: the service's)")
     parser.add_argument("--max-history", type=int, default=10)
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per run at most")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from fedml.serving.api import MicroBatcher
 
 COMPUTE_SECONDS = 0.02
@@ -19,12 +21,12 @@ def _slow_echo(batches: list[int]):
     return compute
 
 
-def _closed_loop(max_wait: float, clients: int = 6, rounds: int = 8) -> list[int]:
+def _closed_loop(max_wait: float, clients: int = 6, rounds: int = 8, threads: int = 1) -> list[int]:
     """``clients`` that each ask, wait for the answer and ask again; the sizes of the batches computed."""
     batches: list[int] = []
 
     async def run() -> None:
-        batcher = MicroBatcher(_slow_echo(batches), max_batch=32, max_wait=max_wait)
+        batcher = MicroBatcher(_slow_echo(batches), max_batch=32, threads=threads, max_wait=max_wait)
 
         async def client(c: int) -> None:
             for r in range(rounds):
@@ -51,6 +53,39 @@ def test_with_a_wait_returning_clients_are_answered_in_one_batch():
     assert batches[0] == 1  # nobody was expected yet; the others queue behind it
     assert set(batches[1:-1]) == {6}  # from then on everyone at once: the first one is waited for
     assert batches[-1] == 5  # the first one finished a round early
+
+
+def test_computing_in_the_event_loop_batches_the_same_way():
+    assert _closed_loop(max_wait=0.0, threads=0)[:4] == [1, 5, 1, 5]
+    batches = _closed_loop(max_wait=0.01, threads=0)
+    assert batches[0] == 1 and set(batches[1:-1]) == {6} and batches[-1] == 5
+
+
+def test_threads_zero_computes_in_the_event_loops_thread():
+    import threading
+
+    computed_on: list[int] = []
+
+    def compute(requests: list[int]) -> list[int]:
+        computed_on.append(threading.get_ident())
+        if requests == [0]:
+            raise ValueError("bad batch")
+        return requests
+
+    async def run() -> int:
+        batcher = MicroBatcher(compute, max_batch=8, threads=0)
+        try:
+            with pytest.raises(ValueError, match="bad batch"):  # an error reaches the batch's requests
+                await batcher.submit(0)
+            assert await asyncio.gather(*(batcher.submit(r) for r in range(1, 4))) == [1, 2, 3]
+        finally:
+            batcher.close()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(run())
+    assert set(computed_on) == {loop_thread}
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        MicroBatcher(compute, max_batch=8, threads=-1)
 
 
 def test_a_quiet_service_does_not_wait_and_a_wait_that_times_out_is_not_repeated():
@@ -127,3 +162,17 @@ def test_free_threads_share_the_waiting_requests():
             batcher.close()
 
     asyncio.run(run())
+
+
+def test_the_command_line_computes_in_the_event_loop_with_several_workers(tmp_path, monkeypatch):
+    import os
+
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the module sets them
+        monkeypatch.setenv(name, os.environ[name]) if name in os.environ else monkeypatch.delenv(name, raising=False)
+    from fedml.serving.__main__ import parse_args
+
+    assert parse_args(["--model-dir", str(tmp_path), "--workers", "2"]).compute_threads == 0
+    assert parse_args(["--model-dir", str(tmp_path)]).compute_threads == 1
+    assert parse_args(["--model-dir", str(tmp_path), "--workers", "2", "--compute-threads", "1"]).compute_threads == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--model-dir", str(tmp_path), "--compute-threads", "-1"])

@@ -22,7 +22,7 @@ import sys  # noqa: E402
 from typing import Any  # noqa: E402
 
 from fedml.redaction import redacted  # noqa: E402
-from fedml.serving.api import ServiceSettings  # noqa: E402
+from fedml.serving.api import ServiceSettings, default_compute_threads  # noqa: E402
 
 CONFIG_ENV = "FEDML_SERVE_CONFIG"  # how the options reach each worker process
 TOKEN_ENV = "FEDML_SERVE_TOKEN"
@@ -40,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poll-seconds", type=float, default=defaults.poll_seconds,
                         help="how often to look for a new version (default: %(default)s)")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
-    parser.add_argument("--compute-threads", type=int, default=defaults.compute_threads,
-                        help="batches computed at once per worker (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--compute-threads", type=int,
+                        help="batches computed at once per worker, each on its own thread; 0: in the worker's "
+                             "event loop thread (default: 0 with several workers, one per core; else 1)")  # fmt: skip
     parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
                         help="how long a free compute thread waits for a fuller batch, 0: never (default: %(default)s)")  # fmt: skip
     parser.add_argument("--torch-threads", type=int, default=1, help="intra-op threads per worker (default: 1)")
@@ -52,22 +53,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "set MLFLOW_TRACKING_URI to the tracking server (the pipeline's embedded store is "
             "sqlite:///$PWD/.fedml/mlflow.db; `make serve` uses it by default), or give --model-dir"
         )
-    if min(args.workers, args.max_batch, args.compute_threads, args.torch_threads) < 1 or args.poll_seconds <= 0:
-        parser.error("--workers, --max-batch, --compute-threads and --torch-threads must be >= 1, --poll-seconds > 0")
+    if args.compute_threads is None:
+        args.compute_threads = default_compute_threads(args.workers)
+    if min(args.workers, args.max_batch, args.torch_threads) < 1 or args.compute_threads < 0 or args.poll_seconds <= 0:
+        parser.error(
+            "--workers, --max-batch and --torch-threads must be >= 1, --compute-threads >= 0, --poll-seconds > 0"
+        )
     if args.batch_wait_ms < 0:
         parser.error(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     return args
 
 
-def create_app_from_environment() -> Any:
-    """The app factory uvicorn calls in each worker; options come from ``FEDML_SERVE_CONFIG``."""
+def create_app_from_environment(preload: bool = False) -> Any:
+    """The app factory uvicorn calls in its process; options come from ``FEDML_SERVE_CONFIG``.
+
+    ``preload``: gunicorn's master calls it before forking the workers, and the first model load
+    happens there, so that the workers share its memory (one copy of the item table in the
+    processor's cache instead of one per worker).
+    """
     import torch
 
     from fedml.serving.api import create_app
     from fedml.serving.source import DirectorySource
 
     config = json.loads(os.environ[CONFIG_ENV])
-    torch.set_num_threads(config["torch_threads"])
+    # one thread in a process that forks (OpenMP's threads do not survive a fork); workers set theirs
+    torch.set_num_threads(1 if preload else config["torch_threads"])
     # model swaps and failed reloads go to the log next to uvicorn's lines
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     if config.get("model_dir"):
@@ -83,7 +94,7 @@ def create_app_from_environment() -> Any:
         compute_threads=config["compute_threads"],
         batch_wait_ms=config["batch_wait_ms"],
     )
-    return create_app(source, settings)
+    return create_app(source, settings, preload=preload)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,20 +124,27 @@ def main(argv: list[str] | None = None) -> int:
 def _serve_with_gunicorn(args: argparse.Namespace) -> None:
     """Several uvicorn worker processes under gunicorn (``SO_REUSEPORT``). Under uvicorn's own
     multi-worker mode two workers used one core between them on an idle 2-core machine (the load was
-    not spread over the workers); under gunicorn they use both (bench/serve.py)."""
+    not spread over the workers); under gunicorn they use both (bench/serve.py). The app and its
+    first model are loaded once, before the workers are forked (``preload_app``): they share the
+    item table's memory until a new version arrives (each worker loads that one on its own)."""
     from gunicorn.app.base import BaseApplication
+
+    def post_fork(server: Any, worker: Any) -> None:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
 
     class Service(BaseApplication):
         def load_config(self) -> None:
             for key, value in {
                 "bind": f"{args.host}:{args.port}", "workers": args.workers, "reuse_port": True,
                 "worker_class": "uvicorn.workers.UvicornWorker", "accesslog": "-" if args.access_log else None,
-                "loglevel": "info", "graceful_timeout": 10,
+                "loglevel": "info", "graceful_timeout": 10, "preload_app": True, "post_fork": post_fork,
             }.items():  # fmt: skip
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return create_app_from_environment()
+            return create_app_from_environment(preload=True)
 
     Service().run()
 

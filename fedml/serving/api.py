@@ -5,10 +5,11 @@
 in-memory recommender in tests and benchmarks). The source is polled in the background, so a new
 production version is served without a restart.
 
-Requests that arrive together are answered together: they queue, and one compute thread takes
-all that are waiting (up to ``max_batch``) as one batch, which turns the fold-in's passes over the
-item matrix into matrix products. A free thread waits a little (``batch_wait_ms``, 2 ms) for as many
-requests as its last batch held, so that the shoppers it just answered can join the next batch.
+Requests that arrive together are answered together: they queue, and all that are waiting (up to
+``max_batch``) are computed as one batch, which turns the fold-in's passes over the item matrix into
+matrix products, on a compute thread or (``compute_threads = 0``, one server process per core) in
+the event loop's thread. The batcher waits a little (``batch_wait_ms``, 2 ms) for as many requests as
+its last batch held, so that the shoppers it just answered can join the next batch.
 """
 
 # no "from __future__ import annotations": FastAPI reads the request model from a local annotation
@@ -48,8 +49,13 @@ class ServiceSettings:
     max_page: int = 200  # GET /items limit
     poll_seconds: float = 10.0  # how often the source is asked for a new version
     max_batch: int = 32
-    compute_threads: int = 1  # batches computed at once (each on one thread)
+    compute_threads: int = 1  # batches computed at once, each on its own thread; 0: in the event loop's thread
     batch_wait_ms: float = 2.0  # how long a free thread waits for its batch to fill (see MicroBatcher); 0: never
+
+
+def default_compute_threads(workers: int) -> int:
+    """Several server processes (one per core): compute in each one's event loop thread; one: on a thread."""
+    return 0 if workers > 1 else ServiceSettings().compute_threads
 
 
 # ------------------------------------------------------------------------------------ schemas
@@ -149,7 +155,8 @@ def _request_model(settings: ServiceSettings) -> type[BaseModel]:
 
 
 class MicroBatcher:
-    """Runs ``compute`` on everything queued at once, in up to ``threads`` background threads.
+    """Runs ``compute`` on everything queued at once, in up to ``threads`` background threads, or
+    with ``threads=0`` in the event loop's own thread.
 
     A free thread takes the waiting requests (up to ``max_batch``) as one batch, at once if as many
     wait as it expects, else after at most ``max_wait`` seconds. It expects the requests that waited
@@ -161,14 +168,23 @@ class MicroBatcher:
     costs nearly as much as a large one. After a wait that timed out, it expects as many as came; a
     quiet service (last batch one request, none waiting) never waits; ``max_wait = 0`` never waits.
     Free threads share the waiting requests evenly.
+
+    ``threads=0`` computes a batch in the event loop's thread, which does nothing else meanwhile
+    (requests that arrive wait in the socket buffers and form the next batch). With one server
+    process per core this is the faster choice: no hand-over to a thread, and no contention for
+    the interpreter lock between the loop and the computation; with one process, a compute thread
+    lets the loop answer HTTP on the other core while a batch is computed.
     """
 
     def __init__(
         self, compute: Callable[[list[Any]], list[Any]], max_batch: int, threads: int = 1, max_wait: float = 0.0
     ) -> None:
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
         self.compute = compute
         self.max_batch = max_batch
-        self.threads = threads
+        self.inline = threads == 0
+        self.threads = max(1, threads)  # batches in flight at once
         self.max_wait = max_wait
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._in_flight = 0
@@ -205,11 +221,14 @@ class MicroBatcher:
 
     async def _run(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
         try:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="recommend")
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.compute, [r for r, _ in batch]
-            )
+            if self.inline:
+                results = self.compute([r for r, _ in batch])
+            else:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="recommend")
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.compute, [r for r, _ in batch]
+                )
         except Exception as exc:  # every request of the batch gets the error
             for _, future in batch:
                 if not future.done():
@@ -236,10 +255,16 @@ class MicroBatcher:
 # ------------------------------------------------------------------------------------ app
 
 
-def create_app(source: ModelSource, settings: ServiceSettings | None = None) -> FastAPI:
-    """The service around ``source``; the first load is tried at start-up, then polled."""
+def create_app(source: ModelSource, settings: ServiceSettings | None = None, preload: bool = False) -> FastAPI:
+    """The service around ``source``; the first load is tried at start-up, then polled.
+
+    ``preload``: try the first load now, in the calling process (a server that forks its workers
+    after creating the app, gunicorn's ``preload_app``, then shares the model's memory among them).
+    """
     settings = settings or ServiceSettings()
     slot = ModelSlot(source)
+    if preload:
+        slot.refresh()
     RecommendRequest = _request_model(settings)
 
     def compute(requests: list[tuple[list[str], int]]) -> list[tuple[LoadedModel, Recommendation]]:
