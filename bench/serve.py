@@ -6,7 +6,10 @@ asyncio client (plain streams, see :func:`load`) then sends a fixed number of ``
 requests at k=10 with a fixed number in flight, each a short history of items from one cluster (one
 in ten with an unknown id too), and records every latency. The client runs on the same machine as
 the server and shares its cores. Before the load, a few answers are checked against
-``Recommender.recommend`` in process.
+``Recommender.recommend`` in process. Every configuration (server layout x requests in flight) runs
+``--repeats`` times, the configurations taking turns; the report gives each one's medians and how
+many of its runs met the target, and keeps every run (with how the kernel spread the connections
+over the workers, which moves the tail from run to run).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -204,6 +209,25 @@ class CpuMeter:
         }
 
 
+def connections_per_process(server_pid: int, port: int) -> list[int]:
+    """Open client connections held by each process of the server, most first: the kernel hands each
+    new connection to one worker, and an uneven split (e.g. 8 and 4 of 12) shapes the latency tail."""
+    import psutil
+
+    server = psutil.Process(server_pid)
+    counts = []
+    for process in [server, *server.children(recursive=True)]:
+        try:
+            held = [
+                c for c in process.net_connections(kind="tcp") if c.status == "ESTABLISHED" and c.laddr.port == port
+            ]
+        except psutil.Error:
+            continue
+        if held:
+            counts.append(len(held))
+    return sorted(counts, reverse=True)
+
+
 def _busy_seconds() -> float:
     """CPU seconds all processes spent since boot (/proc/stat: everything but idle and iowait)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -250,13 +274,17 @@ def serve_and_load(model_dir: Path, recommender, sessions: list[list[str]], work
         agree = spot_check(url, recommender, sessions[:20], args.k)
         run_client(load(url + "/recommend", bodies[: args.warmup], concurrency, args.time_limit))
         meter = CpuMeter(process.pid)
+        spread: list[int] = []  # sampled once the measured load's connections are open
+        sampler = threading.Timer(0.5, lambda: spread.extend(connections_per_process(process.pid, port)))
+        sampler.start()
         outcome = run_client(load(url + "/recommend", bodies[args.warmup :], concurrency, args.time_limit))
         cpu = meter.stop()
+        sampler.join()
     finally:
         process.terminate()
         process.wait(timeout=30)
     return {"server_workers": workers, "compute_threads": threads, "concurrency": concurrency, **outcome, **agree,
-            "cpu": cpu}  # fmt: skip
+            "cpu": cpu, "connections_per_worker": spread}  # fmt: skip
 
 
 def hot_path(recommender, sessions: list[list[str]], k: int) -> dict[str, float]:
@@ -288,12 +316,13 @@ def run(args: argparse.Namespace) -> dict:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = recommender.save(Path(tmp) / "model")
-        for workers, threads in args.workers:
-            for concurrency in args.concurrency:
-                log = Path(tmp) / f"serve-{workers}x{threads}-{concurrency}.log"
-                outcome = serve_and_load(model_dir, recommender, sessions, workers, concurrency, args, log, threads)
-                results.append(outcome)
-                print(json.dumps(outcome), flush=True)
+        for repeat in range(args.repeats):  # the configurations take turns: a slow spell hits them all
+            for workers, threads in args.workers:
+                for concurrency in args.concurrency:
+                    log = Path(tmp) / f"serve-{workers}x{threads}-{concurrency}.log"
+                    outcome = serve_and_load(model_dir, recommender, sessions, workers, concurrency, args, log, threads)
+                    results.append({"repeat": repeat, **outcome})
+                    print(json.dumps(results[-1]), flush=True)
         # the same service and load on a 1,000-item catalogue: what HTTP and batching cost without the big fold-in
         small, small_cluster = build_recommender(1000, args.dim, 20, args.seed)
         small_sessions = histories(
@@ -304,9 +333,9 @@ def run(args: argparse.Namespace) -> dict:
             small_dir, small, small_sessions, 1, min(args.concurrency), args, Path(tmp) / "small.log"
         )
         print(json.dumps({"1000_items": overhead}), flush=True)
-    best = max(
-        results, key=lambda r: (r["errors"] == 0 and r["latency_ms"]["p99"] < TARGET["p99_ms"], r["throughput_rps"])
-    )
+    configurations = summarise(results)
+    # the headline: a configuration whose medians meet the target, the one whose runs met it most often, the fastest
+    best = max(configurations, key=headline_order)
     return {
         "benchmark": "serving API, POST /recommend on loopback",
         "catalogue_items": args.items,
@@ -325,16 +354,49 @@ def run(args: argparse.Namespace) -> dict:
         "client": "asyncio streams (uvloop), one keep-alive connection per request in flight, on the same machine "
         "(shares the cores with the server)",
         "target": TARGET,
+        "repeats": args.repeats,
         "headline": best,
-        "met_target": best["throughput_rps"] >= TARGET["throughput_rps"]
-        and best["latency_ms"]["p99"] < TARGET["p99_ms"]
-        and best["errors"] == 0,
+        "met_target": best["meets_target"],
+        "configurations": configurations,
         "runs": results,
         "hot_path_in_process": hot_path(recommender, sessions, args.k),
         "same_service_1000_items": overhead,
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per configuration (workers, compute threads, in flight): the median of its repeats.
+
+    A configuration meets the target when its median throughput and median p99 do and no run had an
+    error; ``runs_meeting_target`` says how many single runs did (the machine is shared and noisy).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["server_workers"], run["compute_threads"], run["concurrency"]), []).append(run)
+    rows = []
+    for (workers, threads, concurrency), group in groups.items():
+        row = {
+            "server_workers": workers, "compute_threads": threads, "concurrency": concurrency, "runs": len(group),
+            "throughput_rps": round(statistics.median(r["throughput_rps"] for r in group), 1),
+            "latency_ms": {q: round(statistics.median(r["latency_ms"][q] for r in group), 2) for q in ("p50", "p99")},
+            "errors": sum(r["errors"] for r in group),
+            "server_cores": round(statistics.median(r["cpu"]["server_cores"] for r in group), 2),
+            "runs_meeting_target": sum(_meets(r["throughput_rps"], r["latency_ms"]["p99"], r["errors"]) for r in group),
+            "connections_per_worker": [r["connections_per_worker"] for r in group],
+        }  # fmt: skip
+        row["meets_target"] = _meets(row["throughput_rps"], row["latency_ms"]["p99"], row["errors"])
+        rows.append(row)
+    return rows
+
+
+def headline_order(configuration: dict) -> tuple:
+    return configuration["meets_target"], configuration["runs_meeting_target"], configuration["throughput_rps"]
+
+
+def _meets(throughput_rps: float, p99_ms: float, errors: int) -> bool:
+    return throughput_rps >= TARGET["throughput_rps"] and p99_ms < TARGET["p99_ms"] and errors <= TARGET["errors"]
 
 
 def layout(text: str) -> tuple[int, int | None]:
@@ -359,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20_000, help="per run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 12, 16])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration, taking turns (default: 3)")
     parser.add_argument("--workers", type=layout, nargs="+", default=[layout("2"), layout("2x1")],
                         help="server layouts: W processes (of --compute-threads each), or WxT: W processes of T "
                         "compute threads each, 0: in the event loop (default: 2 2x1)")  # fmt: skip
@@ -371,13 +434,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     report = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     head = report["headline"]
-    print(f"{head['throughput_rps']:.0f} req/s, p50 {head['latency_ms']['p50']} ms, p99 {head['latency_ms']['p99']} ms, "
-          f"{head['errors']} errors ({head['server_workers']} workers x {head['compute_threads']} compute threads, "
-          f"{head['concurrency']} in flight) -> {args.out}")  # fmt: skip
+    print(f"{head['throughput_rps']:.0f} req/s, p50 {head['latency_ms']['p50']} ms, p99 {head['latency_ms']['p99']} ms "
+          f"(medians of {head['runs']}), {head['errors']} errors ({head['server_workers']} workers x "
+          f"{head['compute_threads']} compute threads, {head['concurrency']} in flight; "
+          f"{head['runs_meeting_target']}/{head['runs']} runs met the target) -> {args.out}")  # fmt: skip
     return 0
 
 

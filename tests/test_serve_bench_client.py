@@ -104,3 +104,22 @@ def test_a_request_that_gets_no_answer_in_time_is_a_timeout_error(monkeypatch):
     assert outcome["good"]["status_counts"] == {"200": 3} and outcome["good"]["errors"] == 0
     assert outcome["bad"]["status_counts"] == {"TimeoutError": 2} and outcome["bad"]["errors"] == 2
     assert outcome["bad"]["latency_ms"]["p50"] >= 150  # the wait is part of the recorded latency
+
+
+def test_the_benchmark_summarises_each_configuration_by_its_medians() -> None:
+    from bench.serve import headline_order, summarise
+
+    def run(rps: float, p99: float, errors: int = 0, workers: int = 2, concurrency: int = 12) -> dict:
+        return {"server_workers": workers, "compute_threads": 0, "concurrency": concurrency, "throughput_rps": rps,
+                "latency_ms": {"p50": p99 / 2, "p99": p99}, "errors": errors, "cpu": {"server_cores": 1.9},
+                "connections_per_worker": [6, 6]}  # fmt: skip
+
+    rows = summarise([run(1300, 18), run(900, 25), run(1200, 19), run(2000, 10, concurrency=8, errors=1)])
+    at_12, at_8 = rows
+    assert (at_12["throughput_rps"], at_12["latency_ms"]["p99"], at_12["runs"]) == (1200, 19, 3)
+    assert at_12["meets_target"] and at_12["runs_meeting_target"] == 2  # the medians meet it, one run did not
+    assert not at_8["meets_target"] and at_8["runs_meeting_target"] == 0  # an error fails it whatever the speed
+    # the headline: a configuration that meets the target, the one whose runs met it most often first
+    steady, faster = summarise([run(1100, 15, concurrency=8)] * 3 + [run(1400, 19.5), run(1500, 19), run(1300, 21)])
+    assert faster["meets_target"] and faster["runs_meeting_target"] == 2 and steady["runs_meeting_target"] == 3
+    assert max([faster, at_8, steady], key=headline_order) is steady
