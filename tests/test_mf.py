@@ -97,3 +97,36 @@ def test_empty_history_and_no_histories():
     table = _table()
     assert torch.equal(fold_in(table, [np.zeros(0, np.int64)], negatives=NEGATIVES, l2=L2), torch.zeros(1, DIM))
     assert fold_in(table, [], negatives=NEGATIVES, l2=L2).shape == (0, DIM)
+
+
+def test_fold_in_converges_where_full_steps_cycle(monkeypatch):
+    """Regression: large item vectors and biases, histories of one or two items. A full quasi-Newton step
+    pushes the history's scores so high that their curvature vanishes and the next step overshoots
+    back (the gradient stayed near 8 forever); the line search on the exact history terms ends it."""
+    import fedml.models.mf as mf
+
+    n_items, dim = 2000, 8
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(20, dim, generator=generator)
+    cluster = torch.randint(0, 20, (n_items,), generator=generator)
+    table = ItemTable(
+        (0.8 * centres[cluster] + 0.5 * torch.randn(n_items, dim, generator=generator)) * 1.5,
+        (torch.randn(n_items, generator=generator) - 1.0) * 3.0,
+    )
+    histories = [np.array([i]) for i in range(0, n_items, 10)] + [np.array([i, i + 1]) for i in range(1, 1999, 10)]
+
+    def worst_gradient() -> float:
+        vectors = fold_in(table, histories, negatives=NEGATIVES, l2=1.0).double()
+        q, b = table.embeddings.double(), table.bias.double()
+        worst = 0.0
+        for history, p in zip(histories, vectors):
+            s = torch.sigmoid(q @ p + b)
+            weight = torch.full((n_items,), NEGATIVES * len(history) / (n_items - len(history)), dtype=torch.float64)
+            weight[history] = 0.0
+            gradient = q[history].T @ (s[history] - 1.0) + q.T @ (weight * s) + p
+            worst = max(worst, float(gradient.norm()))
+        return worst
+
+    assert worst_gradient() < 1e-3
+    monkeypatch.setattr(mf, "_step_length", lambda direction, *args: torch.ones(len(direction), 1))
+    assert worst_gradient() > 1.0  # the failure this guards against, still there without the line search

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fedml.data.ragged import Ragged
 
@@ -195,7 +196,8 @@ def _fold_in_chunk(
     n, dim = hist.items.shape[0], q.shape[1]
     # index_select rather than q[items]: the same rows, several times faster on CPU
     q_hist = q.index_select(0, hist.items.view(-1)).view(*hist.items.shape, dim)  # [n, width, dim]
-    s_hist = torch.sigmoid(b.index_select(0, hist.items.view(-1)).view(hist.items.shape)) * hist.mask
+    z_hist = b.index_select(0, hist.items.view(-1)).view(hist.items.shape)  # the history's scores at p = 0
+    s_hist = torch.sigmoid(z_hist) * hist.mask
     c = hist.weight[:, None]
     # at p = 0 the catalogue's shared terms, less the history's items, which are no negatives
     negatives_gradient = c * (catalogue.gradient0 - _history_sum(s_hist, q_hist))
@@ -216,11 +218,13 @@ def _fold_in_chunk(
         gradient = torch.baddbmm(negatives_gradient.unsqueeze(1), (s_hist - hist.mask).unsqueeze(1), q_hist)
         curvature = torch.addcmul(s_hist, s_hist, s_hist, value=-1.0)  # s (1 - s)
         hessian = torch.baddbmm(negatives.hessian, (q_hist * curvature.unsqueeze(-1)).transpose(1, 2), q_hist)
-        step = torch.cholesky_solve(gradient.transpose(1, 2), torch.linalg.cholesky(hessian)).squeeze(-1).neg_()
+        direction = torch.cholesky_solve(gradient.transpose(1, 2), torch.linalg.cholesky(hessian)).squeeze(-1).neg_()
+        gradient = gradient.squeeze(1)
+        step = direction * _step_length(direction, gradient, negatives_gradient, negatives, q_hist, z_hist, hist.mask)
         if stopped:
             step.masked_fill_(done[:, None], 0.0)
         p_active = p_active + step
-        done |= step.abs().amax(1) <= tolerance
+        done |= direction.abs().amax(1) <= tolerance
         stopped = int(done.sum())
         if step_index == iterations - 1 or stopped == len(done):
             break
@@ -231,8 +235,10 @@ def _fold_in_chunk(
                 t[moving] for t in (active, p_active, step, negatives_gradient, q_hist, done)
             )
             hist, negatives, stopped = hist[moving], negatives[moving], 0
-        s = torch.addmm(b, p_active, q.T, out=scores[: len(done)]).sigmoid_()
-        s_hist = s.gather(1, hist.items).mul_(hist.mask)
+        s = torch.addmm(b, p_active, q.T, out=scores[: len(done)])
+        z_hist = s.gather(1, hist.items)
+        s_hist = torch.sigmoid(z_hist).mul_(hist.mask)
+        s.sigmoid_()
         # c (sum over all items - over the history's) + l2 p
         new_negatives_gradient = torch.baddbmm((s @ q).unsqueeze(1), s_hist.unsqueeze(1), q_hist, alpha=-1.0)
         new_negatives_gradient = new_negatives_gradient.squeeze(1).mul_(hist.weight[:, None]).add_(p_active, alpha=l2)
@@ -240,6 +246,44 @@ def _fold_in_chunk(
         negatives_gradient = new_negatives_gradient
     p.index_copy_(0, active, p_active)
     return p
+
+
+#: step lengths tried along a quasi-Newton direction: 0 (the start), then 1, 1/2, 1/4, ...
+_STEP_LENGTHS = torch.cat((torch.zeros(1), 0.5 ** torch.arange(16, dtype=torch.float32)))
+#: sufficient decrease (Armijo): a step of length t must gain this share of t times the directional slope
+_ARMIJO = 1e-4
+#: relative size of the model's float rounding (a sum of float32 terms)
+_RESOLUTION = 1e-5
+
+
+def _step_length(
+    direction: torch.Tensor,
+    gradient: torch.Tensor,
+    negatives_gradient: torch.Tensor,
+    negatives: _NegativesCurvature,
+    q_hist: torch.Tensor,
+    z_hist: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """The longest of 1, 1/2, 1/4, ... along ``direction`` that decreases a model of the objective enough:
+    the history's terms exact (``z_hist``: their scores now), the negatives' their quadratic model
+    (gradient and ``negatives.hessian``). ``[n, 1]``.
+
+    Without it, a shopper with one or two history items can cycle: a full step pushes those items'
+    scores so high that their curvature vanishes, and the next step overshoots back.
+    """
+    lengths = _STEP_LENGTHS.to(direction.device, direction.dtype)
+    rate = torch.bmm(q_hist, direction.unsqueeze(-1))  # [n, width, 1]: the history scores' change per unit length
+    scores = torch.addcmul(z_hist.unsqueeze(-1), rate, lengths)  # [n, width, lengths]
+    model = (F.logsigmoid(scores) * mask.unsqueeze(-1)).sum(1).neg_()  # [n, lengths]: -sum log s
+    curvature = torch.linalg.vecdot(direction, torch.bmm(negatives.hessian, direction.unsqueeze(-1)).squeeze(-1))
+    model.addcmul_(torch.linalg.vecdot(negatives_gradient, direction).unsqueeze(1), lengths)
+    model.addcmul_(curvature.unsqueeze(1), lengths * lengths, value=0.5)
+    slope = torch.linalg.vecdot(gradient, direction).unsqueeze(1)  # < 0: a descent direction
+    # changes below float32's resolution of the model are not evidence against a step: near the optimum, take it
+    allowed = torch.addcmul(model[:, :1], slope, lengths[1:], value=_ARMIJO) + _RESOLUTION * (1.0 + model[:, :1].abs())
+    enough = (model[:, 1:] <= allowed).to(torch.int8)
+    return lengths[1:][enough.argmax(1).masked_fill_(enough.amax(1) == 0, len(lengths) - 2)].unsqueeze(1)
 
 
 class _NegativesCurvature:
