@@ -218,7 +218,7 @@ def _fold_in_chunk(
         gradient = torch.baddbmm(negatives_gradient.unsqueeze(1), (s_hist - hist.mask).unsqueeze(1), q_hist)
         curvature = torch.addcmul(s_hist, s_hist, s_hist, value=-1.0)  # s (1 - s)
         hessian = torch.baddbmm(negatives.hessian, (q_hist * curvature.unsqueeze(-1)).transpose(1, 2), q_hist)
-        direction = torch.cholesky_solve(gradient.transpose(1, 2), torch.linalg.cholesky(hessian)).squeeze(-1).neg_()
+        direction = torch.cholesky_solve(gradient.transpose(1, 2), _cholesky(hessian)).squeeze(-1).neg_()
         gradient = gradient.squeeze(1)
         step = direction * _step_length(direction, gradient, negatives_gradient, negatives, q_hist, z_hist, hist.mask)
         if stopped:
@@ -246,6 +246,28 @@ def _fold_in_chunk(
         negatives_gradient = new_negatives_gradient
     p.index_copy_(0, active, p_active)
     return p
+
+
+def _cholesky(hessian: torch.Tensor) -> torch.Tensor:
+    """Cholesky factors of a batch of Hessians that are positive definite in exact arithmetic.
+
+    On extreme tables (item vectors scaled x100 by a poisoning attack, say) float32 rounding of the
+    sums can leave one indefinite; its diagonal is then raised by 1e-6, 1e-5, ... of its largest
+    entry until it factors (still a descent direction, as any positive definite matrix gives).
+    """
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    shift = 1e-6
+    while bool(info.any()):
+        if shift > 1.0:
+            raise torch.linalg.LinAlgError("fold-in: a Hessian stays indefinite after shifting its diagonal")
+        failed = info > 0
+        scale = hessian[failed].diagonal(dim1=1, dim2=2).abs().amax(1).clamp(min=1e-30)
+        hessian = hessian.clone()
+        hessian[failed] += (shift * scale)[:, None, None] * torch.eye(hessian.shape[-1], dtype=hessian.dtype,
+                                                                       device=hessian.device)  # fmt: skip
+        factor, info = torch.linalg.cholesky_ex(hessian)
+        shift *= 10.0
+    return factor
 
 
 #: step lengths tried along a quasi-Newton direction: 0 (the start), then 1, 1/2, 1/4, ...
