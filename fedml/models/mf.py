@@ -187,10 +187,31 @@ def _fold_in_chunk(
 ) -> torch.Tensor:
     """:func:`fold_in` of one chunk of histories: ``[n, dim]``.
 
-    The objective splits in two: the history's positives (at most a few hundred items: gradient and
-    Hessian exact at every step) and the negatives, every other item with weight ``c``, plus the
-    ``l2`` term (exact gradient from one pass over the item matrix; Hessian exact at ``p = 0``, then
-    BFGS-updated from the negatives' gradient changes). A step solves with their sum.
+    Short histories (at most ``dim`` items, as served requests are) folded in to convergence take
+    structured quasi-Newton steps (:func:`_fold_in_chunk_structured`: about 5 passes over the
+    catalogue where BFGS needs 7). Otherwise BFGS from the exact Hessian at ``p = 0``
+    (:func:`_fold_in_chunk_bfgs`): a long history's exact Hessian at every step would cost as much
+    as a pass over the catalogue, and a budget of a step or two (a new client's start in training)
+    gains nothing from steps that cost more to need fewer.
+    """
+    if hist.items.shape[1] <= catalogue.q.shape[1] and iterations > 2:
+        try:
+            return _fold_in_chunk_structured(catalogue, hist, l2, iterations, tolerance)
+        except torch.linalg.LinAlgError:  # a Hessian float32 cannot factor (a table wrecked by an attack, say)
+            pass
+    return _fold_in_chunk_bfgs(catalogue, hist, l2, iterations, tolerance)
+
+
+def _fold_in_chunk_structured(
+    catalogue: FoldInCatalogue, hist: _Histories, l2: float, iterations: int, tolerance: float
+) -> torch.Tensor:
+    """:func:`fold_in` of one chunk of histories: ``[n, dim]``.
+
+    Structured quasi-Newton steps for short histories: the objective splits into the history's
+    positives (gradient and Hessian exact at every step) and the negatives, every other item with
+    weight ``c``, plus the ``l2`` term (exact gradient from one pass over the item matrix; Hessian
+    exact at ``p = 0``, then BFGS-updated from the negatives' gradient changes). A step solves with
+    their sum and takes the length :func:`_step_length` finds.
     """
     q, b = catalogue.q, catalogue.b
     n, dim = hist.items.shape[0], q.shape[1]
@@ -201,11 +222,11 @@ def _fold_in_chunk(
     c = hist.weight[:, None]
     # at p = 0 the catalogue's shared terms, less the history's items, which are no negatives
     negatives_gradient = c * (catalogue.gradient0 - _history_sum(s_hist, q_hist))
-    negatives = _NegativesCurvature(
-        torch.eye(dim, dtype=q.dtype, device=q.device) * l2
-        + c[:, :, None] * (catalogue.hessian0 - _history_gram(s_hist * (1.0 - s_hist), q_hist)),
-        l2,
+    gradient = torch.baddbmm(negatives_gradient.unsqueeze(1), (s_hist - hist.mask).unsqueeze(1), q_hist).squeeze(1)
+    negatives_hessian = torch.eye(dim, dtype=q.dtype, device=q.device) * l2 + c[:, :, None] * (
+        catalogue.hessian0 - _history_gram(s_hist * (1.0 - s_hist), q_hist)
     )
+    bfgs = _BFGSHessian(negatives_hessian, l2)
 
     p = torch.zeros(n, dim, dtype=q.dtype, device=q.device)
     active = torch.arange(n, device=q.device)  # p_active, s_hist, ...: the rows of these shoppers
@@ -214,15 +235,13 @@ def _fold_in_chunk(
     stopped = 0
     scores = torch.empty(n, q.shape[0], dtype=q.dtype, device=q.device)  # reused by every gradient
     for step_index in range(iterations):
-        # the history's gradient and Hessian at p, plus the negatives' (s_hist is 0 on padding)
-        gradient = torch.baddbmm(negatives_gradient.unsqueeze(1), (s_hist - hist.mask).unsqueeze(1), q_hist)
+        # the history's Hessian at p, plus the negatives' (s_hist is 0 on padding)
         curvature = torch.addcmul(s_hist, s_hist, s_hist, value=-1.0)  # s (1 - s)
-        hessian = torch.baddbmm(negatives.hessian, (q_hist * curvature.unsqueeze(-1)).transpose(1, 2), q_hist)
-        direction = torch.cholesky_solve(gradient.transpose(1, 2), _cholesky(hessian)).squeeze(-1).neg_()
-        gradient = gradient.squeeze(1)
-        step = direction * _step_length(direction, gradient, negatives_gradient, negatives, q_hist, z_hist, hist.mask)
+        hessian = torch.baddbmm(bfgs.hessian, (q_hist * curvature.unsqueeze(-1)).transpose(1, 2), q_hist)
+        direction = torch.cholesky_solve(gradient.unsqueeze(-1), _cholesky(hessian)).squeeze(-1).neg_()
+        step = direction * _step_length(direction, gradient, negatives_gradient, bfgs, q_hist, z_hist, hist.mask)
         if stopped:
-            step.masked_fill_(done[:, None], 0.0)
+            step = step.masked_fill(done[:, None], 0.0)
         p_active = p_active + step
         done |= direction.abs().amax(1) <= tolerance
         stopped = int(done.sum())
@@ -231,10 +250,10 @@ def _fold_in_chunk(
         if 8 * stopped > len(done):  # drop the stopped shoppers once they are worth a copy
             p.index_copy_(0, active, p_active)
             moving = ~done
-            active, p_active, step, negatives_gradient, q_hist, done = (
-                t[moving] for t in (active, p_active, step, negatives_gradient, q_hist, done)
+            active, p_active, step, gradient, negatives_gradient, q_hist, done = (
+                t[moving] for t in (active, p_active, step, gradient, negatives_gradient, q_hist, done)
             )
-            hist, negatives, stopped = hist[moving], negatives[moving], 0
+            hist, bfgs, stopped = hist[moving], bfgs[moving], 0
         s = torch.addmm(b, p_active, q.T, out=scores[: len(done)])
         z_hist = s.gather(1, hist.items)
         s_hist = torch.sigmoid(z_hist).mul_(hist.mask)
@@ -242,10 +261,111 @@ def _fold_in_chunk(
         # c (sum over all items - over the history's) + l2 p
         new_negatives_gradient = torch.baddbmm((s @ q).unsqueeze(1), s_hist.unsqueeze(1), q_hist, alpha=-1.0)
         new_negatives_gradient = new_negatives_gradient.squeeze(1).mul_(hist.weight[:, None]).add_(p_active, alpha=l2)
-        negatives.update(step, new_negatives_gradient - negatives_gradient)  # a stopped shopper's zero step: no change
-        negatives_gradient = new_negatives_gradient
+        new_gradient = torch.baddbmm(
+            new_negatives_gradient.unsqueeze(1), (s_hist - hist.mask).unsqueeze(1), q_hist
+        ).squeeze(1)
+        bfgs.update(step, new_negatives_gradient - negatives_gradient)  # a stopped shopper's zero step: no change
+        gradient, negatives_gradient = new_gradient, new_negatives_gradient
     p.index_copy_(0, active, p_active)
     return p
+
+
+def _fold_in_chunk_bfgs(
+    catalogue: FoldInCatalogue, hist: _Histories, l2: float, iterations: int, tolerance: float
+) -> torch.Tensor:
+    """:func:`fold_in` of one chunk of histories by BFGS from the exact Hessian at ``p = 0``: ``[n, dim]``."""
+    q, b = catalogue.q, catalogue.b
+    n, dim = hist.items.shape[0], q.shape[1]
+    # index_select rather than q[items]: the same rows, several times faster on CPU
+    q_hist = q.index_select(0, hist.items.view(-1)).view(*hist.items.shape, dim)  # [n, width, dim]
+    # at p = 0: the catalogue's shared gradient and Hessian, times c, corrected for the history's items
+    s_hist = torch.sigmoid(b.index_select(0, hist.items.view(-1)).view(hist.items.shape))
+    side = (1.0 - hist.weight)[:, None] * hist.mask  # a history item counts as a positive (1), not as a negative (c)
+    gradient = _history_sum(side * s_hist - hist.mask, q_hist) + hist.weight[:, None] * catalogue.gradient0
+    weighted = q_hist * (side * s_hist * (1.0 - s_hist))[:, :, None]
+    hessian = torch.bmm(weighted.transpose(1, 2), q_hist)
+    hessian.addcmul_(hist.weight[:, None, None], catalogue.hessian0).diagonal(dim1=1, dim2=2).add_(l2)
+    bfgs = _InverseBFGS(torch.linalg.cholesky(hessian), l2)
+    del weighted, hessian
+
+    p = torch.zeros(n, dim, dtype=q.dtype, device=q.device)
+    active = torch.arange(n, device=q.device)  # p_active, gradient, ...: the rows of these shoppers
+    p_active = p
+    done = torch.zeros(n, dtype=torch.bool, device=q.device)  # stopped, but still carried along
+    stopped = 0
+    scores = torch.empty(n, q.shape[0], dtype=q.dtype, device=q.device)  # reused by every gradient
+    for step_index in range(iterations):
+        step = -bfgs.apply(gradient)
+        if stopped:
+            step.masked_fill_(done[:, None], 0.0)
+        p_active = p_active + step
+        done |= step.abs().amax(1) <= tolerance
+        stopped = int(done.sum())
+        if step_index == iterations - 1 or stopped == len(done):
+            break
+        if 8 * stopped > len(done):  # drop the stopped shoppers once they are worth a copy
+            p.index_copy_(0, active, p_active)
+            moving = ~done
+            active, p_active, step, gradient, q_hist, done = (
+                t[moving] for t in (active, p_active, step, gradient, q_hist, done)
+            )
+            hist, bfgs, stopped = hist[moving], bfgs[moving], 0
+        new_gradient = _gradient(catalogue, hist, q_hist, p_active, l2, scores[: len(done)])
+        bfgs.update(step, new_gradient - gradient)  # a stopped shopper's zero step leaves its H as it is
+        gradient = new_gradient
+    p.index_copy_(0, active, p_active)
+    return p
+
+
+class _InverseBFGS:
+    """Inverse Hessian approximations of a batch of shoppers, in limited-memory form.
+
+    ``H_0^{-1}`` is given by its Cholesky factor (the exact Hessian at ``p = 0``); each update with a
+    step ``s`` and gradient change ``y`` is ``H+ = (I - r s y^T) H (I - r y s^T) + r s s^T``,
+    ``r = 1 / y.s``, applied by the two-loop recursion (all pairs are kept: fold-in takes few steps).
+    The objective is ``l2``-strongly convex, so ``y.s >= l2 |s|^2``; a pair that misses half of that
+    (float rounding of a tiny step) is left out (``r = 0``), which keeps ``H`` positive definite.
+    """
+
+    def __init__(self, cholesky: torch.Tensor, l2: float) -> None:
+        self.cholesky, self.l2 = cholesky, l2
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (s, y, r)
+
+    def apply(self, gradient: torch.Tensor) -> torch.Tensor:
+        """``H^{-1} gradient`` for every shopper."""
+        v, alphas = gradient, []
+        for s, y, r in reversed(self.pairs):
+            alpha = r * (s * v).sum(1, keepdim=True)
+            v = v - alpha * y
+            alphas.append(alpha)
+        v = torch.cholesky_solve(v.unsqueeze(-1), self.cholesky).squeeze(-1)
+        for (s, y, r), alpha in zip(self.pairs, reversed(alphas)):
+            v = v + (alpha - r * (y * v).sum(1, keepdim=True)) * s
+        return v
+
+    def update(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        ys = (y * s).sum(1, keepdim=True)
+        curved = ys > 0.5 * self.l2 * (s * s).sum(1, keepdim=True)
+        self.pairs.append((s, y, torch.where(curved, 1.0 / torch.where(curved, ys, 1.0), 0.0)))
+
+    def __getitem__(self, rows: torch.Tensor) -> _InverseBFGS:
+        kept = _InverseBFGS(self.cholesky[rows], self.l2)
+        kept.pairs = [(s[rows], y[rows], r[rows]) for s, y, r in self.pairs]
+        return kept
+
+
+def _gradient(
+    catalogue: FoldInCatalogue, hist: _Histories, q_hist: torch.Tensor, p: torch.Tensor, l2: float, out: torch.Tensor
+) -> torch.Tensor:
+    """The fold-in objective's gradient at ``p`` (``[n, dim]``; ``q_hist``: the histories' item rows).
+
+    ``out`` (``[n, n_items]``) receives the scores' sigmoids.
+    """
+    q, b = catalogue.q, catalogue.b
+    s = torch.addmm(b, p, q.T, out=out).sigmoid_()
+    s_hist = s.gather(1, hist.items)
+    history = _history_sum(((1.0 - hist.weight)[:, None] * s_hist - 1.0) * hist.mask, q_hist)
+    return torch.addcmul(history, hist.weight[:, None], s @ q).add_(p, alpha=l2)
 
 
 def _cholesky(hessian: torch.Tensor) -> torch.Tensor:
@@ -282,7 +402,7 @@ def _step_length(
     direction: torch.Tensor,
     gradient: torch.Tensor,
     negatives_gradient: torch.Tensor,
-    negatives: _NegativesCurvature,
+    negatives: _BFGSHessian,
     q_hist: torch.Tensor,
     z_hist: torch.Tensor,
     mask: torch.Tensor,
@@ -292,30 +412,41 @@ def _step_length(
     (gradient and ``negatives.hessian``). ``[n, 1]``.
 
     Without it, a shopper with one or two history items can cycle: a full step pushes those items'
-    scores so high that their curvature vanishes, and the next step overshoots back.
+    scores so high that their curvature vanishes, and the next step overshoots back. The full step
+    is tried first for everyone; shorter ones only for the shoppers it does not suit (few).
     """
     lengths = _STEP_LENGTHS.to(direction.device, direction.dtype)
     rate = torch.bmm(q_hist, direction.unsqueeze(-1))  # [n, width, 1]: the history scores' change per unit length
-    scores = torch.addcmul(z_hist.unsqueeze(-1), rate, lengths)  # [n, width, lengths]
-    model = (F.logsigmoid(scores) * mask.unsqueeze(-1)).sum(1).neg_()  # [n, lengths]: -sum log s
-    curvature = torch.linalg.vecdot(direction, torch.bmm(negatives.hessian, direction.unsqueeze(-1)).squeeze(-1))
-    model.addcmul_(torch.linalg.vecdot(negatives_gradient, direction).unsqueeze(1), lengths)
-    model.addcmul_(curvature.unsqueeze(1), lengths * lengths, value=0.5)
+    linear = torch.linalg.vecdot(negatives_gradient, direction).unsqueeze(1)
+    quadratic = torch.linalg.vecdot(direction, torch.bmm(negatives.hessian, direction.unsqueeze(-1)).squeeze(-1))
     slope = torch.linalg.vecdot(gradient, direction).unsqueeze(1)  # < 0: a descent direction
-    # changes below float32's resolution of the model are not evidence against a step: near the optimum, take it
-    allowed = torch.addcmul(model[:, :1], slope, lengths[1:], value=_ARMIJO) + _RESOLUTION * (1.0 + model[:, :1].abs())
-    enough = (model[:, 1:] <= allowed).to(torch.int8)
-    return lengths[1:][enough.argmax(1).masked_fill_(enough.amax(1) == 0, len(lengths) - 2)].unsqueeze(1)
+
+    def enough(rows: torch.Tensor | slice, tried: torch.Tensor) -> torch.Tensor:
+        """Whether each length in ``tried`` (after 0, the start) decreases the model enough, for these rows."""
+        scores = torch.addcmul(z_hist[rows].unsqueeze(-1), rate[rows], tried)  # [rows, width, lengths]
+        model = (F.logsigmoid(scores) * mask[rows].unsqueeze(-1)).sum(1).neg_()  # -sum log s
+        model.addcmul_(linear[rows], tried).addcmul_(quadratic[rows].unsqueeze(1), tried * tried, value=0.5)
+        # changes below float32's resolution of the model are not evidence against a step: near the optimum, take it
+        allowed = torch.addcmul(model[:, :1], slope[rows], tried[1:], value=_ARMIJO)
+        return model[:, 1:] <= allowed + _RESOLUTION * (1.0 + model[:, :1].abs())
+
+    chosen = torch.ones(len(direction), 1, dtype=direction.dtype, device=direction.device)
+    short = ~enough(slice(None), lengths[:2])[:, 0]
+    if bool(short.any()):
+        rows = short.nonzero().squeeze(1)
+        fits = enough(rows, lengths).to(torch.int8)  # lengths 1, 1/2, ... for the rows a full step does not suit
+        first = fits.argmax(1).masked_fill_(fits.amax(1) == 0, len(lengths) - 2)
+        chosen[rows] = lengths[1:][first].unsqueeze(1)
+    return chosen
 
 
-class _NegativesCurvature:
-    """The negatives' and ``l2``'s Hessian of a batch of shoppers ``[n, dim, dim]``, BFGS-updated.
+class _BFGSHessian:
+    """A batch of Hessians ``[n, dim, dim]`` (the whole objective's, or its negatives' and ``l2``'s part), BFGS-updated.
 
     It starts exact (at ``p = 0``); each update with a step ``s`` and the change ``y`` of the
-    negatives' gradient is ``B+ = B - (B s)(B s)^T / s.B s + y y^T / y.s``. That part of the
-    objective is ``l2``-strongly convex, so ``y.s >= l2 |s|^2`` and ``B`` stays positive definite; a
-    pair that misses half of that (float rounding of a tiny step, or a stopped shopper's zero
-    step) is left out.
+    matching gradient is ``B+ = B - (B s)(B s)^T / s.B s + y y^T / y.s``. Both are ``l2``-strongly
+    convex, so ``y.s >= l2 |s|^2`` and ``B`` stays positive definite; a pair that misses half of that
+    (float rounding of a tiny step, or a stopped shopper's zero step) is left out.
     """
 
     def __init__(self, hessian: torch.Tensor, l2: float) -> None:
@@ -331,8 +462,8 @@ class _NegativesCurvature:
         left = torch.stack((y * y_weight[:, None], bs * bs_weight[:, None]), 2)  # [n, dim, 2]
         self.hessian = torch.baddbmm(self.hessian, left, torch.stack((y, bs), 1))
 
-    def __getitem__(self, rows: torch.Tensor) -> _NegativesCurvature:
-        return _NegativesCurvature(self.hessian[rows], self.l2)
+    def __getitem__(self, rows: torch.Tensor) -> _BFGSHessian:
+        return _BFGSHessian(self.hessian[rows], self.l2)
 
 
 def _history_sum(coefficients: torch.Tensor, q_hist: torch.Tensor) -> torch.Tensor:
