@@ -228,11 +228,7 @@ def _fold_in_chunk_structured(
     )
     bfgs = _BFGSHessian(negatives_hessian, l2)
 
-    p = torch.zeros(n, dim, dtype=q.dtype, device=q.device)
-    active = torch.arange(n, device=q.device)  # p_active, s_hist, ...: the rows of these shoppers
-    p_active = p
-    done = torch.zeros(n, dtype=torch.bool, device=q.device)  # stopped, but still carried along
-    stopped = 0
+    shoppers = _Moving(n, dim, q)  # the chunk's vectors; gradient, q_hist, ...: the rows of those still moving
     scores = torch.empty(n, q.shape[0], dtype=q.dtype, device=q.device)  # reused by every gradient
     for step_index in range(iterations):
         # the history's Hessian at p, plus the negatives' (s_hist is 0 on padding)
@@ -240,21 +236,18 @@ def _fold_in_chunk_structured(
         hessian = torch.baddbmm(bfgs.hessian, (q_hist * curvature.unsqueeze(-1)).transpose(1, 2), q_hist)
         direction = torch.cholesky_solve(gradient.unsqueeze(-1), _cholesky(hessian)).squeeze(-1).neg_()
         step = direction * _step_length(direction, gradient, negatives_gradient, bfgs, q_hist, z_hist, hist.mask)
-        if stopped:
-            step = step.masked_fill(done[:, None], 0.0)
-        p_active = p_active + step
-        done |= direction.abs().amax(1) <= tolerance
-        stopped = int(done.sum())
-        if step_index == iterations - 1 or stopped == len(done):
+        if shoppers.take(step, direction.abs().amax(1) <= tolerance) or step_index == iterations - 1:
             break
-        if 8 * stopped > len(done):  # drop the stopped shoppers once they are worth a copy
-            p.index_copy_(0, active, p_active)
-            moving = ~done
-            active, p_active, step, gradient, negatives_gradient, q_hist, done = (
-                t[moving] for t in (active, p_active, step, gradient, negatives_gradient, q_hist, done)
+        if (keep := shoppers.drop_stopped()) is not None:
+            step, gradient, negatives_gradient, q_hist = (
+                step[keep],
+                gradient[keep],
+                negatives_gradient[keep],
+                q_hist[keep],
             )
-            hist, bfgs, stopped = hist[moving], bfgs[moving], 0
-        s = torch.addmm(b, p_active, q.T, out=scores[: len(done)])
+            hist, bfgs = hist[keep], bfgs[keep]
+        p_active = shoppers.vectors
+        s = torch.addmm(b, p_active, q.T, out=scores[: len(p_active)])
         z_hist = s.gather(1, hist.items)
         s_hist = torch.sigmoid(z_hist).mul_(hist.mask)
         s.sigmoid_()
@@ -266,8 +259,7 @@ def _fold_in_chunk_structured(
         ).squeeze(1)
         bfgs.update(step, new_negatives_gradient - negatives_gradient)  # a stopped shopper's zero step: no change
         gradient, negatives_gradient = new_gradient, new_negatives_gradient
-    p.index_copy_(0, active, p_active)
-    return p
+    return shoppers.result()
 
 
 def _fold_in_chunk_bfgs(
@@ -288,33 +280,18 @@ def _fold_in_chunk_bfgs(
     bfgs = _InverseBFGS(torch.linalg.cholesky(hessian), l2)
     del weighted, hessian
 
-    p = torch.zeros(n, dim, dtype=q.dtype, device=q.device)
-    active = torch.arange(n, device=q.device)  # p_active, gradient, ...: the rows of these shoppers
-    p_active = p
-    done = torch.zeros(n, dtype=torch.bool, device=q.device)  # stopped, but still carried along
-    stopped = 0
+    shoppers = _Moving(n, dim, q)  # the chunk's vectors; gradient, q_hist, ...: the rows of those still moving
     scores = torch.empty(n, q.shape[0], dtype=q.dtype, device=q.device)  # reused by every gradient
     for step_index in range(iterations):
         step = -bfgs.apply(gradient)
-        if stopped:
-            step.masked_fill_(done[:, None], 0.0)
-        p_active = p_active + step
-        done |= step.abs().amax(1) <= tolerance
-        stopped = int(done.sum())
-        if step_index == iterations - 1 or stopped == len(done):
+        if shoppers.take(step, step.abs().amax(1) <= tolerance) or step_index == iterations - 1:
             break
-        if 8 * stopped > len(done):  # drop the stopped shoppers once they are worth a copy
-            p.index_copy_(0, active, p_active)
-            moving = ~done
-            active, p_active, step, gradient, q_hist, done = (
-                t[moving] for t in (active, p_active, step, gradient, q_hist, done)
-            )
-            hist, bfgs, stopped = hist[moving], bfgs[moving], 0
-        new_gradient = _gradient(catalogue, hist, q_hist, p_active, l2, scores[: len(done)])
+        if (keep := shoppers.drop_stopped()) is not None:
+            step, gradient, q_hist, hist, bfgs = step[keep], gradient[keep], q_hist[keep], hist[keep], bfgs[keep]
+        new_gradient = _gradient(catalogue, hist, q_hist, shoppers.vectors, l2, scores[: len(step)])
         bfgs.update(step, new_gradient - gradient)  # a stopped shopper's zero step leaves its H as it is
         gradient = new_gradient
-    p.index_copy_(0, active, p_active)
-    return p
+    return shoppers.result()
 
 
 class _InverseBFGS:
@@ -366,6 +343,43 @@ def _gradient(
     s_hist = s.gather(1, hist.items)
     history = _history_sum(((1.0 - hist.weight)[:, None] * s_hist - 1.0) * hist.mask, q_hist)
     return torch.addcmul(history, hist.weight[:, None], s @ q).add_(p, alpha=l2)
+
+
+class _Moving:
+    """A chunk's user vectors while fold-in runs: the shoppers still moving, and those that stopped.
+
+    A stopped shopper is carried along (its steps zeroed) until more than an eighth of the carried
+    rows have stopped; then they are dropped, and the callers drop the same rows of their tensors.
+    """
+
+    def __init__(self, n: int, dim: int, like: torch.Tensor) -> None:
+        self.p = torch.zeros(n, dim, dtype=like.dtype, device=like.device)
+        self.active = torch.arange(n, device=like.device)  # the shoppers of the carried rows
+        self.vectors = self.p  # the carried rows' vectors
+        self.done = torch.zeros(n, dtype=torch.bool, device=like.device)
+        self.stopped = 0
+
+    def take(self, step: torch.Tensor, converged: torch.Tensor) -> bool:
+        """Move by ``step`` (zeroed in place for stopped rows); stop the ``converged`` ones. True: all stopped."""
+        if self.stopped:
+            step.masked_fill_(self.done[:, None], 0.0)
+        self.vectors = self.vectors + step
+        self.done |= converged
+        self.stopped = int(self.done.sum())
+        return self.stopped == len(self.done)
+
+    def drop_stopped(self) -> torch.Tensor | None:
+        """The rows to keep, once the stopped ones are worth a copy (None: keep carrying them)."""
+        if 8 * self.stopped <= len(self.done):
+            return None
+        self.p.index_copy_(0, self.active, self.vectors)
+        keep = ~self.done
+        self.active, self.vectors, self.done, self.stopped = self.active[keep], self.vectors[keep], self.done[keep], 0
+        return keep
+
+    def result(self) -> torch.Tensor:
+        self.p.index_copy_(0, self.active, self.vectors)
+        return self.p
 
 
 def _cholesky(hessian: torch.Tensor) -> torch.Tensor:
